@@ -1,0 +1,54 @@
+"""The wrapper's own messages: one line each, with a journald priority prefix under systemd.
+
+journald reads `<N>` at the start of a stream line as its priority (SyslogLevelPrefix=yes,
+the default); on a terminal the prefix would be noise, so it is only added when stderr is
+the journal stream systemd gave us (JOURNAL_STREAM names its device and inode).
+"""
+from __future__ import annotations
+
+import os
+import sys
+from enum import IntEnum
+
+
+class Priority(IntEnum):
+    ERR = 3
+    WARNING = 4
+    NOTICE = 5
+    INFO = 6
+
+
+def _stderr_is_journal() -> bool:
+    stream = os.environ.get("JOURNAL_STREAM")
+    if not stream:
+        return False
+    try:
+        dev, ino = (int(x) for x in stream.split(":"))
+        st = os.fstat(sys.stderr.fileno())
+    except (ValueError, OSError):
+        return False
+    return st.st_dev == dev and st.st_ino == ino
+
+
+_JOURNAL = _stderr_is_journal()
+
+
+def log(priority: Priority, message: str) -> None:
+    text = " ".join(message.splitlines()) or "-"
+    prefix = f"<{int(priority)}>" if _JOURNAL else ""
+    try:
+        os.write(sys.stderr.fileno(), f"{prefix}fluxgymd: {text}\n".encode("utf-8", "replace"))
+    except OSError:
+        pass  # a dead journal must not take the wrapper down with it
+
+
+def err(message: str) -> None:
+    log(Priority.ERR, message)
+
+
+def warning(message: str) -> None:
+    log(Priority.WARNING, message)
+
+
+def info(message: str) -> None:
+    log(Priority.INFO, message)
