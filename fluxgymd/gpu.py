@@ -33,6 +33,8 @@ from dataclasses import dataclass, field
 from enum import Enum
 from typing import Any
 
+import psutil
+
 try:
     import pynvml as _nvml
 except ImportError:  # nvidia-ml-py missing: behave as on a machine without NVML
@@ -65,6 +67,13 @@ class NvmlStatus(Enum):
     TIMED_OUT = "timed-out"  # an NVML call hung past its deadline and has not returned
     UNSUPPORTED = "unsupported"  # the device does not support the query
     ERROR = "error"  # anything else NVML reported
+
+    @property
+    def is_problem(self) -> bool:
+        """Worth an error in the journal and in STATUS=: NVML should work here but does not.
+        A machine without NVML (NO_LIBRARY, e.g. a CPU box) and a query the device lacks
+        (UNSUPPORTED) are facts, not problems."""
+        return self in (NvmlStatus.NO_DRIVER, NvmlStatus.GPU_LOST, NvmlStatus.TIMED_OUT, NvmlStatus.ERROR)
 
 
 # Worst first: the status of a sample is the worst of its parts.
@@ -157,8 +166,6 @@ def parse_cuda_visible_devices(value: str | None) -> tuple[str, ...] | None:
 
 def process_tree_pids(root_pid: int) -> frozenset[int]:
     """``root_pid`` and all its descendants now alive; empty if the root is gone."""
-    import psutil
-
     try:
         root = psutil.Process(root_pid)
         children = root.children(recursive=True)
@@ -294,6 +301,20 @@ def _text(value: str | bytes) -> str:
     return value.decode(errors="replace") if isinstance(value, bytes) else value
 
 
+def _process_utilization(handle: Any, since_us: int) -> Any:
+    """nvmlDeviceGetProcessUtilization, asked again once if processes appeared between
+    pynvml's count query and its read (NVML_ERROR_INSUFFICIENT_SIZE): a race, not a fault."""
+    try:
+        return _nvml.nvmlDeviceGetProcessUtilization(handle, since_us)
+    except _nvml.NVMLError as exc:
+        if not _is_code(exc, "NVML_ERROR_INSUFFICIENT_SIZE"):
+            raise
+    return _nvml.nvmlDeviceGetProcessUtilization(handle, since_us)
+
+
+_process_utilization.__name__ = "nvmlDeviceGetProcessUtilization"  # for "hung" details
+
+
 # ---------------------------------------------------------------------------------------
 # The monitor
 
@@ -302,7 +323,7 @@ def _text(value: str | bytes) -> str:
 class _Target:
     """A selected GPU: the selection string and, once resolved, its handle and identity."""
 
-    spec: str | None  # index or UUID as selected; None = "the device at index_hint"
+    spec: str  # index or UUID as selected
     index: int
     uuid: str = ""
     name: str = ""
@@ -345,7 +366,9 @@ class GpuMonitor:
     ``gpus``: indices (``"0"``) or UUIDs (``"GPU-..."``); ``None`` means the process's
     ``CUDA_VISIBLE_DEVICES`` (see :func:`parse_cuda_visible_devices`) or, if unset, all
     GPUs. NVML is initialised on the first sample; a missing library is detected once and
-    stays ``NO_LIBRARY``. Use from one thread (calls are serialised by a lock).
+    stays ``NO_LIBRARY``; a missing driver is retried every 30 s. Thread-safe: calls are
+    serialised, and a caller waiting on another thread's sample gives up after
+    ``call_timeout_s`` with ``TIMED_OUT``.
     """
 
     def __init__(self, gpus: tuple[str, ...] | None = None, call_timeout_s: float = 2.0,
@@ -465,7 +488,7 @@ class GpuMonitor:
         """The NVML handle of ``t``, resolved on first use (and retried while unresolved)."""
         if t.handle is not None:
             return t.handle
-        spec = t.spec or str(t.index)
+        spec = t.spec
         if spec.isdigit():
             handle = self._call(deadline, _nvml.nvmlDeviceGetHandleByIndex, int(spec))
         else:
@@ -550,7 +573,7 @@ class GpuMonitor:
         """Identity, utilisation and memory (plus temperature and power if ``extended``)
         into ``out``. Returns the handle, or None when the GPU cannot be queried further.
         Raises only _Hung."""
-        label = f"GPU {t.spec if t.spec is not None else t.index}"
+        label = f"GPU {t.spec}"
         try:
             handle = self._handle(deadline, t)
         except _Hung:
@@ -621,11 +644,12 @@ class GpuMonitor:
             since_us = min(since_us, t.window_start_us)
         since_us = max(since_us, now_us - _MAX_WINDOW_US)
         try:
-            raw = self._call(deadline, _nvml.nvmlDeviceGetProcessUtilization, handle, since_us)
+            raw = self._call(deadline, _process_utilization, handle, since_us)
         except _Hung:
             raise
         except Exception as exc:
-            if _is_code(exc, "NVML_ERROR_NOT_FOUND"):
+            # pynvml raises NVMLError(NVML_SUCCESS) when a driver answers "0 samples" that way
+            if _is_code(exc, "NVML_ERROR_NOT_FOUND", "NVML_SUCCESS"):
                 raw = []  # no process used the SMs in the window
             elif _is_code(exc, "NVML_ERROR_NOT_SUPPORTED", "NVML_ERROR_FUNCTION_NOT_FOUND"):
                 return None, False  # a device/driver limit, not a fault: device level it is

@@ -8,8 +8,9 @@ _PROBLEMS = {NvmlStatus.GPU_LOST, NvmlStatus.TIMED_OUT, NvmlStatus.NO_DRIVER, Nv
 
 
 class GpuProbe:
-    def __init__(self, gpus: tuple[str, ...] | None, busy_percent: int) -> None:
-        self._monitor = GpuMonitor(gpus)
+    def __init__(self, gpus: tuple[str, ...] | None, busy_percent: int, trainer_env: dict[str, str]) -> None:
+        # no explicit selection: the GPUs the TRAINER sees (its CUDA_VISIBLE_DEVICES), not ours
+        self._monitor = GpuMonitor(gpus, environ=trainer_env)
         self._busy_percent = busy_percent
         self._last: GpuSample | None = None
 

@@ -175,7 +175,7 @@ def _might_need_prefix(block: bytes) -> bool:
 class TokenKind(Enum):
     LINES = "lines"  # one or more complete ordinary lines, each ending in b"\n"
     FRAME = "frame"  # a \r frame (text after a \r, overwritten by the next \r)
-    FINAL = "final"  # text after a \r ended by \n: what stays visible, e.g. tqdm's last frame
+    FINAL = "final"  # a progress frame after \r ended by \n: a burst's last, stays visible
 
 
 @dataclass(frozen=True)
@@ -185,15 +185,19 @@ class Token:
 
 
 _TERMINATOR = re.compile(rb"[\r\n]")
+# tqdm's frame: "{desc}: {pct}%|{bar}| {n}/{total} [{elapsed}<{left}, {rate}{postfix}]"; with
+# an unknown total "{desc}: {n}it [{elapsed}, {rate}]".
+_PROGRESS_FRAME = re.compile(rb"\d+%\||\d+(?:/\d+)?(?:it)? \[\d")
+_FRAME_THEN_TEXT = re.compile(rb"(.*?\d+(?:/\d+)?(?:it)? \[\d[^\]]*\])(.*)\Z", re.DOTALL)
 
 
 class StreamTokenizer:
     """Splits a byte stream into ordinary lines and ``\\r`` progress frames.
 
-    Text after a ``\\r`` is a frame; an ordinary line is text that starts a line (after
-    ``\\n``) and ends at ``\\n`` or ``\\r`` (so ``foo\\r\\n`` and ``loading...\\r<bar>`` keep
-    ``foo``/``loading...`` as lines).  Whitespace-only frames (tqdm clearing its bar) are
-    dropped.  An unterminated frame is reported by :meth:`idle` (the caller saw no new bytes
+    A frame is tqdm-looking text after a ``\\r``; everything else is an ordinary line,
+    including text that starts a line and ends at ``\\r`` (``foo\\r\\n``, ``loading...\\r<bar>``)
+    and other overwritten text (lossless beats tidy).  Whitespace after a ``\\r`` (tqdm
+    clearing its bar) is dropped.  An unterminated frame is reported by :meth:`idle` (the caller saw no new bytes
     for a while: a slow step) and not reported again when its ``\\r`` arrives.
     """
 
@@ -226,14 +230,16 @@ class StreamTokenizer:
             is_cr = buf[end] == 13
             if after_cr:
                 if text.strip():
-                    if lines:
+                    if lines and (not is_cr or _PROGRESS_FRAME.search(text)):
                         out.append(Token(TokenKind.LINES, b"".join(lines)))
                         lines = []
-                    if is_cr:
+                    if is_cr and _PROGRESS_FRAME.search(text) is None:
+                        lines.append(text + b"\n")  # overwritten non-progress text is kept
+                    elif is_cr:
                         if text != self._tentative:
                             out.append(Token(TokenKind.FRAME, text))
                     else:
-                        out.append(Token(TokenKind.FINAL, text))
+                        out.extend(self._visible_line(text))
                     self._tentative = None
             elif text or not is_cr:
                 lines.append(text + b"\n")
@@ -246,9 +252,26 @@ class StreamTokenizer:
         self._tail_after_cr = after_cr
         return out + self._split_long_tail()
 
+    def _visible_line(self, text: bytes) -> list[Token]:
+        """Text after a \r that ends the line: tqdm's last frame, a line printed over the
+        bar (``<frame>line``: split, so the line stays an ordinary line), or a message after
+        tqdm cleared its bar."""
+        m = _FRAME_THEN_TEXT.match(text)
+        if m and m.group(2).strip():
+            frame, rest = m.group(1), m.group(2)
+            head = [Token(TokenKind.FRAME, frame)] if frame != self._tentative else []
+            return head + [Token(TokenKind.LINES, rest + b"\n")]
+        if _PROGRESS_FRAME.search(text):
+            return [Token(TokenKind.FINAL, text)]
+        return [Token(TokenKind.LINES, text + b"\n")]
+
     def idle(self) -> Token | None:
         """The frame currently on screen, once, if the stream paused in the middle of one."""
-        if self._tail_after_cr and self._tail.strip() and self._tail != self._tentative:
+        if (
+            self._tail_after_cr
+            and self._tail != self._tentative
+            and _PROGRESS_FRAME.search(self._tail) is not None
+        ):
             self._tentative = self._tail
             return Token(TokenKind.FRAME, self._tail)
         return None
@@ -260,7 +283,7 @@ class StreamTokenizer:
         if not tail:
             return []
         if after_cr:
-            return [Token(TokenKind.FINAL, tail)] if tail.strip() else []
+            return self._visible_line(tail) if tail.strip() else []
         return [Token(TokenKind.LINES, tail + b"\n")]
 
     def _split_long_tail(self) -> list[Token]:
@@ -315,11 +338,18 @@ class FrameCoalescer:
         self._held = None
         return [self._emit(now_s, text)]
 
-    def line(self, now_s: float) -> list[bytes]:
-        """An ordinary line comes next: the held frame goes first unless already shown."""
-        held, self._held = self._held, None
+    def line(self, now_s: float, *, force: bool = False) -> list[bytes]:
+        """An ordinary line comes next.  A held frame that is due goes first (in order);
+        one that is not stays held (the bar is redrawn after the line, a newer frame usually
+        replaces it) so a trainer printing between frames still gets one progress line per
+        interval; ``force`` (markers, end of stream) always writes it first."""
+        held = self._held
         if held is None:
             return []
+        due = self.due_s()
+        if not force and due is not None and now_s < due:
+            return []
+        self._held = None
         if held == self._last_emitted:
             self.coalesced += 1
             return []
@@ -334,7 +364,7 @@ class FrameCoalescer:
         return [self._emit(now_s, held)]
 
     def flush(self, now_s: float) -> list[bytes]:
-        return self.line(now_s)
+        return self.line(now_s, force=True)
 
     def due_s(self) -> float | None:
         """When :meth:`tick` will emit the held frame (None: nothing held)."""
@@ -348,13 +378,6 @@ class FrameCoalescer:
         self._last_emit_s = now_s
         self._last_emitted = text
         return text
-
-
-_PROGRESS_FRAME = re.compile(rb"\d+%\||\d+(?:/\d+)?(?:it)? \[\d")
-
-
-def _looks_like_progress(text: bytes) -> bool:
-    return _PROGRESS_FRAME.search(text) is not None
 
 
 # --------------------------------------------------------------------------------------
@@ -1078,7 +1101,7 @@ class LogSink:
                         self._handle_tokens(self._tokens.feed(item), now, fparts, jparts)
                     elif isinstance(item, _Marker):
                         self._handle_tokens(self._tokens.finish(), now, fparts, jparts)
-                        self._progress(self._coalescer.line(now), fparts, jparts)
+                        self._progress(self._coalescer.flush(now), fparts, jparts)
                         line = item.text.encode("utf-8", "surrogateescape") + b"\n"
                         self._lines += 1
                         fparts.append(line)
@@ -1135,8 +1158,6 @@ class LogSink:
     ) -> None:
         for token in tokens:
             kind, data = token.kind, token.data
-            if kind is TokenKind.FINAL and not _looks_like_progress(data):
-                kind, data = TokenKind.LINES, data + b"\n"  # e.g. a message after tqdm cleared
             if kind is TokenKind.LINES:
                 self._progress(self._coalescer.line(now_s), fparts, jparts)
                 self._lines += data.count(b"\n")

@@ -18,7 +18,7 @@ from .errors import AttemptFailed, ConfigError, GaveUp, MissingInputError
 from .inputs import check_inputs
 from .ledger import Attempt, Ledger, attempts_without_progress, end_last_attempt, load_ledger, save_ledger
 from .liveness import Limits, Verdict
-from .names import validate_name
+from .names import unit_name, validate_name
 from .paths import RunPaths, fluxgym_home
 from .resume import ResumePlan, TrainerTarget, plan_attempt, trainer_target
 from .safetensors_check import safetensors_problem
@@ -163,7 +163,10 @@ class Run:
         if final_model_problem(target, ledger.first_start_epoch_s) is None:
             journal.info(f"{target.final_model} is complete and valid: nothing to train")
             save_ledger(self.paths.ledger_json, ledger)
-            self.publish(status=RunStatus.COMPLETED, reason=None, best_checkpoint=chosen.name if chosen else None)
+            self.publish(status=RunStatus.COMPLETED, reason=None, best_checkpoint=chosen.name if chosen else None,
+                         epoch=ledger.total_epochs, epochs=ledger.total_epochs,
+                         step=ledger.total_steps, steps=ledger.total_steps,
+                         attempt=ledger.attempts[-1].number if ledger.attempts else None)
             return
 
         best_abs = chosen.abs_step if (chosen and chosen.abs_step is not None) else 0
@@ -211,8 +214,9 @@ class Run:
             keep=cfg.logs.keep,
             progress_interval_s=cfg.logs.progress_interval_s,
             on_line=tracker.feed,
+            unit_name=unit_name(self.name),
         )
-        probe = GpuProbe(cfg.train.gpus, cfg.watchdog.gpu_busy_percent)
+        probe = GpuProbe(cfg.train.gpus, cfg.watchdog.gpu_busy_percent, env)
         started_wall = time.time()
         sink.write_marker(f"==== attempt {number} · {plan.describe()} · {utc_now_iso()} ====")
         journal.info(f"attempt {number}: {plan.describe()}: {' '.join(plan.argv)}")

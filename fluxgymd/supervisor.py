@@ -233,6 +233,7 @@ def trainer_env(
     env = {k: v for k, v in base.items() if k not in STRIPPED_ENV}
     env.setdefault("COLUMNS", "250")  # wide enough that Rich does not wrap kohya's log lines
     env["PYTHONUNBUFFERED"] = "1"  # progress must reach us when printed, not when a buffer fills
+    env.setdefault("CUDA_DEVICE_ORDER", "PCI_BUS_ID")  # CUDA's GPU numbers = NVML's indices
     if path_prefix:
         env["PATH"] = os.pathsep.join(path_prefix + [env.get("PATH", os.defpath)])
     env.update(extra)

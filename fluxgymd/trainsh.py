@@ -252,10 +252,13 @@ def _parse_one_command(text: str, source: str) -> list[str]:
         raise ScriptParseError(f"{source}: holds no command; expected one `accelerate launch ...` command")
     if len(commands) > 1:
         second = commands[1]
+        hint = ""
+        if "".join(second.words[0].chars).startswith("-"):
+            hint = " (a line without a trailing backslash, or a comment line, ends a command)"
         raise _refuse(
             source,
             second.line,
-            f"a second command ({_preview(second)}) after the one on line {commands[0].line}",
+            f"a second command ({_preview(second)}) after the one on line {commands[0].line}{hint}",
         )
     command = commands[0]
     first = command.words[0]

@@ -1,0 +1,1 @@
+"""Stand-in libnvidia-ml.so.1 for tests (see build.py)."""
