@@ -161,10 +161,25 @@ def journal_line(line: bytes, priority: int | None) -> bytes:
     return line
 
 
+# The same rules, lowercased: one lower() copy and these scans cost less than the exact
+# needles above, and almost every block of a flood has none of them (the fast path).
+_PREFILTER_LOWER = (
+    b"rror",
+    b"warn",
+    b"traceback",
+    b"killed",
+    b"cuda",
+    b"critical",
+    b"debug",
+    b"above exception",
+)
+
+
 def _might_need_prefix(block: bytes) -> bool:
-    if block[:1] == b"<":
+    if b"<" in block and (block[:1] == b"<" or b"\n<" in block):  # memchr first: cheap
         return True
-    return any(needle in block for needle in _CANDIDATE_NEEDLES)
+    low = block.lower()
+    return any(needle in low for needle in _PREFILTER_LOWER)
 
 
 # --------------------------------------------------------------------------------------
@@ -333,9 +348,12 @@ class FrameCoalescer:
     def final(self, now_s: float, text: bytes) -> list[bytes]:
         """The burst's last frame (text after \\r ended by \\n): replaces the held frame."""
         self.frames += 1
-        if self._held is not None:
+        held, self._held = self._held, None
+        if held is not None and held != text:
             self.coalesced += 1
-        self._held = None
+        if text == self._last_emitted:  # e.g. shown already while the bar sat idle
+            self.coalesced += 1
+            return []
         return [self._emit(now_s, text)]
 
     def line(self, now_s: float, *, force: bool = False) -> list[bytes]:
@@ -654,8 +672,6 @@ class _LogFile:
         self._lost_bytes = 0
         self._lost_first: float | None = None
         self._lost_last: float | None = None
-        self._retrying = False
-        self._retry_since = 0.0
         self._recover_rotation_leftovers()
 
     def _ends_with_newline(self) -> bool:
@@ -714,6 +730,23 @@ class _LogFile:
     # -- internals
 
     def _write(self, data: bytes) -> None:
+        while data:
+            # Rotate at the last line end that fits, so files stay near rotate_bytes.
+            room = self._rotate_bytes - self._size
+            cut = len(data)
+            if cut > room:
+                cut = data.rfind(b"\n", 0, max(room, 0)) + 1 or data.find(b"\n") + 1 or cut
+            if not self._write_piece(data[:cut]):
+                self._buffer(data[cut:])
+                return
+            data = data[cut:]
+            if self._size >= self._rotate_bytes and self._at_line_start:
+                self._rotate()
+                if self._failing_since is not None:
+                    self._buffer(data)
+                    return
+
+    def _write_piece(self, data: bytes) -> bool:
         try:
             if self._fd is None:
                 self._fd = _open_log(self.path)
@@ -726,17 +759,13 @@ class _LogFile:
                 self._at_line_start = data[written - 1 : written] == b"\n"
             self._fail(err)
             self._buffer(data[written:])
-            return
+            return False
         self._size += len(data)
         self._at_line_start = data.endswith(b"\n")
-        if self._size >= self._rotate_bytes and self._at_line_start:
-            self._rotate()
+        return True
 
     def _fail(self, err: Exception) -> None:
         reason = err.strerror if isinstance(err, OSError) and err.strerror else str(err)
-        if self._retrying:
-            self._failing_since = self._retry_since  # same episode: no second warning
-            return
         self.disk_errors += 1
         self._failing_since = time.time()
         self._failure = reason
@@ -748,59 +777,93 @@ class _LogFile:
         )
 
     def _buffer(self, data: bytes) -> None:
+        """Keep what the file missed; past the bound the oldest lines become the gap."""
         if not data:
             return
-        now = time.time()
-        self._backlog.append((now, data))
+        self._backlog.append((time.time(), data))
         self._backlog_size += len(data)
-        while self._backlog_size > self._backlog_bound and self._backlog:
-            ts, old = self._backlog.popleft()
-            self._backlog_size -= len(old)
-            self._lost_lines += old.count(b"\n")
-            self._lost_bytes += len(old)
+        excess = self._backlog_size - self._backlog_bound
+        while excess > 0 and self._backlog:
+            ts, old = self._backlog[0]
+            if len(old) <= excess:
+                cut = len(old)
+            else:  # drop whole lines only, so what is kept starts at a line start
+                nl = old.find(b"\n", excess - 1)
+                cut = len(old) if nl == -1 else nl + 1
+            dropped = old[:cut]
+            if cut == len(old):
+                self._backlog.popleft()
+            else:
+                self._backlog[0] = (ts, old[cut:])
+            self._backlog_size -= cut
+            excess -= cut
+            self._lost_lines += dropped.count(b"\n")
+            self._lost_bytes += cut
             if self._lost_first is None:
                 self._lost_first = ts
             self._lost_last = ts
 
     def _recover(self) -> None:
-        """Retry the file: gap marker (if lines were lost), then the backlog, in order."""
+        """Retry the file: gap marker (if lines were lost), then the backlog, in order.
+
+        A retry that fails leaves everything as it was (same episode, no new warning)."""
         assert self._failing_since is not None
         since, reason = self._failing_since, self._failure
-        head = b"" if self._at_line_start else b"\n"
         had_gap = bool(self._lost_lines or self._lost_bytes)
+        head = b""
         if had_gap:
             assert self._lost_first is not None and self._lost_last is not None
-            head += (
+            head = (b"" if self._at_line_start else b"\n") + (
                 f"==== training.log gap: {self._lost_lines} lines ({self._lost_bytes} bytes) "
                 f"lost between {_utc(self._lost_first)} and {_utc(self._lost_last)} "
                 f"({reason}); {self._unit_hint} has them ====\n"
             ).encode()
+        try:
+            if self._fd is not None:
+                os.close(self._fd)  # reopen: the file may have been replaced meanwhile
+                self._fd = None
+            self._fd = _open_log(self.path)
+            self._size = os.fstat(self._fd).st_size
+            if head:
+                _write_all(self._fd, head)
+        except (OSError, ConfigError) as err:
+            written = getattr(err, "written", 0)
+            if not written:
+                return
+            head = head[:written]  # a cut marker is still a marker; the rest is dropped
+        if head:
+            self._size += len(head)
+            self._at_line_start = head.endswith(b"\n")
             self.gap_lines += self._lost_lines
             self.gap_bytes += self._lost_bytes
             self._lost_lines = self._lost_bytes = 0
             self._lost_first = self._lost_last = None
-        pending = head + b"".join(part for _, part in self._backlog)
-        self._backlog.clear()
-        self._backlog_size = 0
-        if self._fd is not None:
+        while self._backlog:
+            ts, block = self._backlog[0]
             try:
-                os.close(self._fd)  # reopen: the file may have been replaced meanwhile
-            except OSError:
-                pass
-            self._fd = None
+                _write_all(self._fd, block)
+            except OSError as err:
+                written = getattr(err, "written", 0)
+                self._size += written
+                if written:
+                    self._backlog[0] = (ts, block[written:])
+                    self._backlog_size -= written
+                    self._at_line_start = block[written - 1 : written] == b"\n"
+                return
+            self._backlog.popleft()
+            self._backlog_size -= len(block)
+            self._size += len(block)
+            self._at_line_start = block.endswith(b"\n")
         self._failing_since = None
-        self._retrying, self._retry_since = True, since
-        try:
-            self._write(pending)
-            if self._failing_since is None and not had_gap:
-                self._write(
-                    f"==== training.log was not writable from {_utc(since)} to {_utc_now()} "
-                    f"({reason}); no line was lost ====\n".encode()
-                )
-        finally:
-            self._retrying = False
-        if self._failing_since is None:
-            self._report(f"fluxgymd: {self.path} is writable again", PRI_NOTICE)
+        self._report(f"fluxgymd: {self.path} is writable again", PRI_NOTICE)
+        if not had_gap:
+            self._write(
+                (b"" if self._at_line_start else b"\n")
+                + f"==== training.log was not writable from {_utc(since)} to {_utc_now()} "
+                f"({reason}); no line was lost ====\n".encode()
+            )
+        elif self._size >= self._rotate_bytes and self._at_line_start:
+            self._rotate()
 
     def _rotate(self) -> None:
         if self._gzip is not None:

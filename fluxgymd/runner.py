@@ -41,8 +41,13 @@ class _Notifier:
             self._n = sdnotify.SystemdNotifier()
 
     def notify(self, state: str) -> None:
-        if self._n is not None:
-            self._n.notify(state)
+        # sdnotify encodes latin-1, which systemd rejects as not UTF-8 clean: send UTF-8 ourselves
+        sock = getattr(self._n, "socket", None)
+        if sock is not None:
+            try:
+                sock.sendall(state.encode("utf-8", "replace"))
+            except OSError:
+                pass  # systemd gone: nothing to tell
 
 
 def hook_dir(home: Path) -> Path | None:
@@ -162,6 +167,7 @@ class Run:
         # 3. already complete?
         if final_model_problem(target, ledger.first_start_epoch_s) is None:
             journal.info(f"{target.final_model} is complete and valid: nothing to train")
+            self.notifier.notify("READY=1")  # Type=notify: exiting 0 before READY=1 is a protocol failure
             save_ledger(self.paths.ledger_json, ledger)
             self.publish(status=RunStatus.COMPLETED, reason=None, best_checkpoint=chosen.name if chosen else None,
                          epoch=ledger.total_epochs, epochs=ledger.total_epochs,

@@ -88,9 +88,13 @@ class Runs:
             props = self.box.show(unit(name), "ActiveState", "SubState", "Result", "NRestarts",
                                   "ExecMainStatus", "ExecMainCode")
             if props.get("ActiveState") in ("inactive", "failed") and props.get("SubState") != "auto-restart":
-                return props
+                return {**props, "_name": name}
             return None
         return self.box.wait_for(settled, timeout_s=timeout_s, what=f"{unit(name)} to settle")
+
+    def restarts(self, name: str) -> int:
+        """Automatic restarts systemd scheduled (NRestarts is reset once the unit is dead)."""
+        return sum("Scheduled restart job" in str(e.get("MESSAGE")) for e in self.journal(name))
 
     def log(self, name: str) -> str:
         return (self.run_dir(name) / "training.log").read_text(errors="replace")

@@ -33,11 +33,16 @@ API (all commands run as argv lists via ``nsenter -t PID -a``; no shell)::
         box.wait_for(lambda: ..., timeout_s=10, what="x to be active") -> value
         box.wait_unit_state("x.service", active_state="active", timeout_s=10) -> dict[str, str]
         box.run_in("cat", "/proc/1/comm") -> CompletedProcess[str]
+        box.journal_messages("x.service") -> list[str]
+        box.pid_namespace, box.namespace_pids(), box.cgroup_dirs()   # for leak checks
+        box.boot_s, box.teardown_s             # measured seconds (print them, never assert)
         box.kill()                             # idempotent; waits until nothing is left
 
 ``install_fluxgym_units(box, home, fluxgymd_bin, extra="")`` installs the project's real
 ``systemd/fluxgym-train@.service`` and ``fluxgym-notify@.service`` plus a test drop-in.
 ``box_unavailable_reason()`` says why a box cannot run here (None when it can).
+``reap_stale_cgroups()`` removes empty box cgroups of test processes that were SIGKILLed
+(every start() calls it). Failures raise ``BoxError`` naming what did not happen.
 """
 from __future__ import annotations
 

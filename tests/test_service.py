@@ -31,7 +31,7 @@ def test_clean_run_completes_through_accelerate_launch(runs):
     runs.start("clean")
     props = runs.wait_settled("clean")
     assert props["ActiveState"] == "inactive" and props["Result"] == "success"
-    assert props["NRestarts"] == "0"
+    assert runs.restarts(props["_name"]) == 0
     st = runs.status("clean")
     assert st["status"] == "completed" and st["step"] == 20 and st["steps"] == 20
     assert safetensors_problem(runs.run_dir("clean") / "clean.safetensors") is None
@@ -45,7 +45,7 @@ def test_crash_restarts_resumes_and_completes(runs):
     runs.create("crash", "--fault", "crash@12")
     runs.start("crash")
     props = runs.wait_settled("crash")
-    assert props["Result"] == "success" and props["NRestarts"] == "1"
+    assert props["Result"] == "success" and runs.restarts(props["_name"]) == 1
     log = runs.log("crash")
     b = banners(log)
     assert len(b) == 2 and "resumed from crash-000002-state (epoch 2" in b[1]
@@ -67,7 +67,7 @@ def test_watchdog_kills_idle_hang_then_resumes(runs):
     runs.create("hang", "--fault", "hang-idle@8", watchdog={"stall_timeout": "6s"})
     runs.start("hang")
     props = runs.wait_settled("hang")
-    assert props["Result"] == "success" and props["NRestarts"] == "1"
+    assert props["Result"] == "success" and runs.restarts(props["_name"]) == 1
     msgs = [str(e.get("MESSAGE")) for e in runs.journal("hang")]
     assert any("Watchdog timeout" in m for m in msgs), msgs[-20:]
     stalls = list((runs.run_dir("hang") / "stalls").glob("*.txt"))
@@ -85,7 +85,7 @@ def test_config_error_fails_with_78_and_one_err_line(runs):
     runs.start("badcfg")
     props = runs.wait_settled("badcfg", timeout_s=60)
     assert props["ActiveState"] == "failed" and props["ExecMainStatus"] == "78"
-    assert props["NRestarts"] == "0"
+    assert runs.restarts(props["_name"]) == 0
     errs = [str(e["MESSAGE"]) for e in runs.journal("badcfg", "-p", "err")
             if e.get("SYSLOG_IDENTIFIER", "").startswith("fluxgym-")]
     assert len(errs) == 1 and "run.toml" in errs[0] and "watchdog.stall_timeout" in errs[0]
@@ -116,7 +116,7 @@ def test_three_crashes_train_exactly_the_planned_steps(runs):
                 restart={"max_attempts_without_progress": 3})
     runs.start("thrice")
     props = runs.wait_settled("thrice", timeout_s=360)
-    assert props["Result"] == "success" and props["NRestarts"] == "3"
+    assert props["Result"] == "success" and runs.restarts(props["_name"]) == 3
     steps = runs.steps_trained("thrice")
     counts = Counter(steps)
     assert set(counts) == set(range(1, 21))
@@ -137,7 +137,7 @@ def test_die_saving_resumes_from_previous_state_and_keeps_partial(runs):
     runs.create("diesave", "--fault", "die-saving@15")
     runs.start("diesave")
     props = runs.wait_settled("diesave")
-    assert props["Result"] == "success" and props["NRestarts"] == "1"
+    assert props["Result"] == "success" and runs.restarts(props["_name"]) == 1
     d = runs.run_dir("diesave")
     log = runs.log("diesave")
     assert "resumed from diesave-000002-state" in banners(log)[1]
@@ -158,7 +158,7 @@ def test_same_crash_every_attempt_gives_up_with_79(runs):
     assert st["status"] == "failed" and "no progress" in st["reason"]
     # attempt 1 saved epoch 1 (progress); attempts 2 and 3 did not: 3 starts, then it stopped
     assert len(banners(runs.log("loop"))) == 3
-    assert props["NRestarts"] == "2"
+    assert runs.restarts(props["_name"]) == 2
 
 
 def test_exit_zero_without_model_is_a_failed_attempt(runs):
@@ -167,5 +167,5 @@ def test_exit_zero_without_model_is_a_failed_attempt(runs):
     props = runs.wait_settled("nomodel")
     log = runs.log("nomodel")
     assert re.search(r"^==== attempt 1 failed-attempt: trainer exited 0 without a valid final model", log, re.M)
-    assert props["NRestarts"] == "1" and props["Result"] == "success"
+    assert runs.restarts(props["_name"]) == 1 and props["Result"] == "success"
     assert runs.status("nomodel")["status"] == "completed"

@@ -16,7 +16,7 @@ import pytest
 from safetensors import safe_open
 
 from fluxgymd.standin.cli import parse_args
-from fluxgymd.standin.faults import FaultKind, parse_fault
+from fluxgymd.standin.faults import FaultBook, FaultKind, parse_fault
 from fluxgymd.standin.plan import InitialStepError, plan_steps, start_point
 from fluxgymd.standin.records import read_step_record
 
@@ -106,6 +106,18 @@ def test_cli_accepts_unknown_flags_and_parses_faults() -> None:
         parse_fault("explode@3")
 
 
+def test_fault_book_fires_once_across_attempts_unless_told(tmp_path: Path) -> None:
+    marker = tmp_path / "fired.json"
+    faults = (parse_fault("crash@3"), parse_fault("die-saving@5"))
+    book = FaultBook(faults, marker, every_attempt=False)
+    fault = book.before_step(3)
+    assert fault is not None and book.before_step(2) is None
+    assert book.reached(FaultKind.DIE_SAVING, 4) is None and book.reached(FaultKind.DIE_SAVING, 6) is not None
+    book.mark_fired(fault)
+    assert FaultBook(faults, marker, every_attempt=False).before_step(3) is None  # a new attempt
+    assert FaultBook(faults, marker, every_attempt=True).before_step(3) == fault
+
+
 # --- real runs ------------------------------------------------------------------------------
 
 @pytest.fixture(scope="module")
@@ -157,6 +169,7 @@ def test_resume_past_the_end_fails_kohyas_assertion(clean_run: tuple[Path, subpr
     assert "12 vs 12" in proc.stderr
 
 
+@pytest.mark.slow
 def test_two_plain_resumes_overtrain_like_kohya(tmp_path: Path) -> None:
     out = tmp_path / "out"
     faults = ("--fault", "crash@9", "--fault", "crash@13", "--save_every_n_steps", "3")
@@ -175,6 +188,7 @@ def test_two_plain_resumes_overtrain_like_kohya(tmp_path: Path) -> None:
     assert {s: counts[s] for s in range(1, 21)} == {s: (2 if 5 <= s <= 12 else 1) for s in range(1, 21)}
 
 
+@pytest.mark.slow
 def test_resumes_with_initial_epoch_train_each_step_once(tmp_path: Path) -> None:
     out = tmp_path / "out"
     faults = ("--fault", "crash@9", "--fault", "crash@13")
@@ -271,6 +285,7 @@ def test_flood_prints_lines_and_frames_then_the_model(tmp_path: Path) -> None:
     assert (out / f"{NAME}.safetensors").is_file()
 
 
+@pytest.mark.slow
 def test_accelerate_launch_module_crash_then_resume(tmp_path: Path) -> None:
     out = tmp_path / "out"
     launch = [str(Path(sys.executable).with_name("accelerate")), "launch", "--num_processes", "1", "--num_machines", "1",

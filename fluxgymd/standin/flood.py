@@ -6,6 +6,7 @@ recorded per 0.5 s window in ``<output_dir>/.standin-flood-rate.jsonl``.
 from __future__ import annotations
 
 import json
+import logging
 import sys
 import time
 
@@ -56,5 +57,5 @@ def flood(args: StandinArgs) -> int:
     from fluxgymd.standin.model import StandinLoRA, save_lora  # torch only now, after the flood
 
     save_lora(args.output_dir / last_ckpt_name(args.output_name), StandinLoRA(), {"ss_output_name": str(args.output_name)})
-    print("model saved.", flush=True)
+    logging.getLogger("fluxgymd.standin").info("model saved.")
     return 0
