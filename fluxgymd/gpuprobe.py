@@ -1,6 +1,7 @@
 """Adapter from the NVML choke point (gpu.py) to what liveness needs: is OUR work busy?"""
 from __future__ import annotations
 
+from . import journal
 from .gpu import GpuMonitor, GpuSample, NvmlStatus, describe
 
 # statuses worth an err line: the GPU or NVML broke (a plain machine without NVML is not news)
@@ -13,6 +14,10 @@ class GpuProbe:
         self._monitor = GpuMonitor(gpus, environ=trainer_env)
         self._busy_percent = busy_percent
         self._last: GpuSample | None = None
+        # the problem as first seen: its detail may tick ("hung for 2s", "3s"...) and the
+        # runner logs an err line whenever the problem text changes
+        self._problem: tuple[NvmlStatus, str] | None = None
+        self._said_no_nvml = False
 
     def __call__(self, pids: tuple[int, ...]) -> tuple[bool | None, int | None, str | None, str | None]:
         s = self._monitor.sample(pids)
@@ -21,9 +26,22 @@ class GpuProbe:
         # cannot attribute work to processes (unsupported, or our PIDs invisible to it)
         percent = s.own_sm_percent if s.own_sm_percent is not None else s.device_busy_percent
         busy = None if percent is None else percent >= self._busy_percent
-        problem = describe(s) if s.status in _PROBLEMS else None
         text = None if s.status is NvmlStatus.NO_LIBRARY else describe(s)
-        return busy, percent, text, problem
+        if s.status is NvmlStatus.NO_LIBRARY and not self._said_no_nvml:
+            # a CPU box is not a fault, but the operator should know why there is no GPU %
+            self._said_no_nvml = True
+            journal.info(f"no GPU readings ({s.detail or 'NVML not available'}); "
+                         "liveness runs on training progress and CPU/IO")
+        return busy, percent, text, self._problem_text(s)
+
+    def _problem_text(self, s: GpuSample) -> str | None:
+        if s.status not in _PROBLEMS:
+            self._problem = None
+            return None
+        if self._problem is None or self._problem[0] is not s.status:
+            short = describe(s)
+            self._problem = (s.status, f"{short}: {s.detail}" if s.detail and s.detail != short else short)
+        return self._problem[1]
 
     def last_detail(self) -> str:
         if self._last is None:

@@ -236,31 +236,52 @@ class StreamTokenizer:
                 self._tentative = None
             return out + self._split_long_tail()
         out: list[Token] = []
-        lines: list[bytes] = []
+        lines: list[bytes] = []  # ordinary lines not yet in a token (runs kept whole)
         pos = 0
         after_cr = self._tail_after_cr
-        for m in _TERMINATOR.finditer(buf):
-            end = m.start()
+        while True:
+            if not after_cr:
+                # Ordinary text: every line up to the next \r in one piece.
+                cr = buf.find(b"\r", pos)
+                if cr == -1:
+                    cut = buf.rfind(b"\n", pos) + 1
+                    if cut > pos:
+                        lines.append(buf[pos:cut])
+                        pos = cut
+                        self._tentative = None
+                    break
+                nl = buf.rfind(b"\n", pos, cr)
+                if nl != -1:
+                    lines.append(buf[pos : nl + 1])
+                    pos = nl + 1
+                    self._tentative = None
+                if cr > pos:  # "foo\r\n", "loading...\r<bar>": the text stays a line
+                    lines.append(buf[pos:cr] + b"\n")
+                    self._tentative = None
+                pos, after_cr = cr + 1, True
+                continue
+            # After a \r: one token up to the next \r or \n.
+            match = _TERMINATOR.search(buf, pos)
+            if match is None:
+                break
+            end = match.start()
             text = buf[pos:end]
             is_cr = buf[end] == 13
-            if after_cr:
-                if text.strip():
-                    if lines and (not is_cr or _PROGRESS_FRAME.search(text)):
+            if text.strip():
+                is_frame = _PROGRESS_FRAME.search(text) is not None
+                if is_cr and not is_frame:
+                    lines.append(text + b"\n")  # overwritten non-progress text is kept
+                else:
+                    if lines:
                         out.append(Token(TokenKind.LINES, b"".join(lines)))
                         lines = []
-                    if is_cr and _PROGRESS_FRAME.search(text) is None:
-                        lines.append(text + b"\n")  # overwritten non-progress text is kept
-                    elif is_cr:
+                    if is_cr:
                         if text != self._tentative:
                             out.append(Token(TokenKind.FRAME, text))
                     else:
                         out.extend(self._visible_line(text))
-                    self._tentative = None
-            elif text or not is_cr:
-                lines.append(text + b"\n")
                 self._tentative = None
-            after_cr = is_cr
-            pos = m.end()
+            pos, after_cr = end + 1, is_cr
         if lines:
             out.append(Token(TokenKind.LINES, b"".join(lines)))
         self._tail = buf[pos:]

@@ -255,7 +255,9 @@ class Run:
                     gpu_text=probe.last_detail(), root_pid=pid, stacks_dir=stacks_dir,
                     last_lines=sink.last_lines(50),
                 )
-                journal.warning(f"no sign of life ({verdict.value}); stacks and readings in {path}")
+                why = "" if verdict is Verdict.IDLE else f" ({verdict.value})"
+                journal.warning(f"no sign of life for {cfg.watchdog.stall_timeout_s * 0.8:.0f}s{why}: "
+                                f"stacks and readings in {path}")
             except OSError as e:
                 journal.err(f"could not write stall forensics: {e}")
 
