@@ -39,6 +39,13 @@ def run_cmd(name: str) -> None:
         sys.exit(int(e.exit_code))
     except KeyboardInterrupt:
         sys.exit(int(ExitCode.OK))
+    except Exception as e:  # a bug or an unforeseen OS error: say it in one line, let systemd retry
+        import traceback
+
+        for line in traceback.format_exc().splitlines():
+            journal.log(journal.Priority.ERR, line)
+        journal.err(f"internal error: {type(e).__name__}: {e}")
+        sys.exit(int(ExitCode.ATTEMPT_FAILED))
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -249,6 +249,9 @@ def load_config(paths: RunPaths) -> RunConfig:
             f"watchdog.poll_interval ({wd.poll_interval_s:g}s)"
         )
     metrics_dir = get("metrics", "prometheus_dir")
+    if metrics_dir is not None and not Path(metrics_dir).is_absolute():
+        src = merged[("metrics", "prometheus_dir")][1]
+        raise ConfigError(f"{src}: metrics.prometheus_dir: expected an absolute path, got {metrics_dir!r}")
     return RunConfig(
         name=paths.name,
         paths=paths,

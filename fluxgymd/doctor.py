@@ -4,44 +4,64 @@ from __future__ import annotations
 import os
 import shutil
 import subprocess
+import sys
 from dataclasses import asdict, dataclass
+from enum import Enum
 from pathlib import Path
+
+MIN_SYSTEMD = 236  # WATCHDOG_USEC= from the service (systemd 236)
+MIN_FREE_GB = 20.0  # a FLUX LoRA state is several GB; a few of them plus the model
+
+
+class Level(str, Enum):
+    OK = "ok"
+    WARN = "warn"
+    FAIL = "fail"
 
 
 @dataclass(frozen=True)
 class Check:
     name: str
-    level: str  # ok | warn | fail
+    level: Level
     detail: str
     fix: str | None = None
 
     def to_json(self) -> dict:
-        return asdict(self)
+        d = asdict(self)
+        d["level"] = self.level.value
+        return d
 
 
 def _systemd() -> Check:
-    exe = shutil.which("systemctl")
-    if exe is None:
-        return Check("systemd", "fail", "systemctl not found", "fluxgymd needs systemd (>= 236 for WATCHDOG_USEC)")
-    out = subprocess.run([exe, "--version"], capture_output=True, text=True).stdout.split()
-    version = int(out[1]) if len(out) > 1 and out[1].isdigit() else 0
-    running = os.path.isdir("/run/systemd/system")
-    if version and version < 236:
-        return Check("systemd", "fail", f"systemd {version}", "upgrade to systemd >= 236")
-    if not running:
-        return Check("systemd", "warn", f"systemd {version} installed but not running as PID 1",
+    from .systemctl import systemd_version
+
+    version = systemd_version()
+    if version is None:
+        return Check("systemd", Level.FAIL, "systemctl not found", f"fluxgymd needs systemd >= {MIN_SYSTEMD}")
+    if version < MIN_SYSTEMD:
+        return Check("systemd", Level.FAIL, f"systemd {version}", f"upgrade to systemd >= {MIN_SYSTEMD}")
+    if not os.path.isdir("/run/systemd/system"):
+        return Check("systemd", Level.WARN, f"systemd {version} installed but not running as PID 1",
                      "services only run where systemd is the init system")
-    return Check("systemd", "ok", f"systemd {version} running")
+    extra = "" if version >= 249 else " (no OnSuccess=: only failures notify)"
+    return Check("systemd", Level.OK, f"systemd {version} running{extra}")
 
 
-def _unit() -> Check:
-    for d in ("/etc/systemd/system", str(Path.home() / ".config/systemd/user")):
-        if (Path(d) / "fluxgym-train@.service").is_file():
-            dropin = Path(d) / "fluxgym-train@.service.d" / "10-fluxgym-install.conf"
-            if not dropin.is_file():
-                return Check("unit", "warn", f"template in {d} without the install drop-in", "run `fluxgym install`")
-            return Check("unit", "ok", f"installed in {d}")
-    return Check("unit", "fail", "fluxgym-train@.service not installed", "run `sudo fluxgym install`")
+def _unit(user_unit: bool) -> Check:
+    from .systemctl import show
+
+    props = show("doctor-probe", user=user_unit, props=("LoadState", "FragmentPath", "DropInPaths"))
+    if not props:
+        return Check("unit", Level.WARN, "systemd could not be asked about fluxgym-train@.service",
+                     "run doctor where systemd runs (and as root for the system manager)")
+    if props.get("LoadState") != "loaded":
+        return Check("unit", Level.FAIL, f"fluxgym-train@.service not loadable ({props.get('LoadState')})",
+                     "run `sudo fluxgym install`")
+    dropins = props.get("DropInPaths", "")
+    if "10-fluxgym-install.conf" not in dropins:
+        return Check("unit", Level.WARN, f"{props.get('FragmentPath')} without the install drop-in",
+                     "run `sudo fluxgym install`")
+    return Check("unit", Level.OK, f"{props.get('FragmentPath')} + {dropins}")
 
 
 def _gpus() -> list[Check]:
@@ -50,66 +70,119 @@ def _gpus() -> list[Check]:
     try:
         inv = inventory()
     except Exception as e:  # doctor must report, not crash
-        return [Check("nvml", "fail", f"NVML query failed: {e}", "check the NVIDIA driver (nvidia-smi)")]
+        return [Check("nvml", Level.FAIL, f"NVML query failed: {e}", "check the NVIDIA driver (nvidia-smi)")]
     if inv.status is NvmlStatus.NO_LIBRARY:
-        return [Check("nvml", "warn", "no NVML (libnvidia-ml.so.1): liveness will run on training progress alone",
+        return [Check("nvml", Level.WARN, "no NVML (libnvidia-ml.so.1): liveness runs on training progress alone",
                       "install the NVIDIA driver for GPU liveness")]
     if inv.status is not NvmlStatus.OK and not inv.gpus:
-        return [Check("nvml", "fail", f"NVML: {inv.detail or inv.status.value}",
+        return [Check("nvml", Level.FAIL, f"NVML: {inv.detail or inv.status.value}",
                       "check the NVIDIA driver: nvidia-smi, dmesg for Xid errors")]
-    checks = [Check("nvml", "ok", f"driver {inv.driver_version}, {len(inv.gpus)} GPU(s)")]
+    checks = [Check("nvml", Level.OK, f"driver {inv.driver_version}, {len(inv.gpus)} GPU(s)")]
     for g in inv.gpus:
-        lvl = "ok" if g.status is NvmlStatus.OK else "fail"
-        checks.append(Check(f"gpu {g.index}", lvl, f"{g.name} {g.uuid} util {g.util_percent}%",
-                            None if lvl == "ok" else f"{g.detail}: check `nvidia-smi`, dmesg for Xid errors"))
+        ok = g.status is NvmlStatus.OK
+        checks.append(Check(f"gpu {g.index}", Level.OK if ok else Level.FAIL,
+                            f"{g.name} {g.uuid} util {g.util_percent}%",
+                            None if ok else f"{g.detail}: check `nvidia-smi`, dmesg for Xid errors"))
+    checks.append(_nvidia_uvm())
     return checks
 
 
+def _nvidia_uvm() -> Check:
+    try:
+        devices = Path("/proc/devices").read_text()
+    except OSError:
+        devices = ""
+    if "nvidia-uvm" in devices:
+        return Check("nvidia-uvm", Level.OK, "module loaded")
+    return Check("nvidia-uvm", Level.FAIL, "nvidia-uvm not loaded: the unit's DeviceAllow= cannot grant it",
+                 "echo nvidia-uvm > /etc/modules-load.d/nvidia-uvm.conf && modprobe nvidia-uvm")
+
+
 def _sd_scripts(home: Path) -> Check:
-    script = home / "sd-scripts" / "flux_train_network.py"
+    from .fluxgym_gen import TRAINER_SCRIPT
+
+    script = home / TRAINER_SCRIPT
     if script.is_file():
-        return Check("sd-scripts", "ok", str(script.parent))
-    return Check("sd-scripts", "fail", f"{script} missing", "run scripts/install-sd-scripts")
+        return Check("sd-scripts", Level.OK, str(script.parent))
+    return Check("sd-scripts", Level.FAIL, f"{script} missing", "run scripts/install-sd-scripts")
 
 
-def _python_env(home: Path) -> Check:
-    for venv in (home / "env", home / "venv"):
-        acc = venv / "bin" / "accelerate"
-        if acc.is_file():
-            return Check("accelerate", "ok", str(acc))
+def _venv_bins(home: Path) -> list[Path]:
+    """Where the wrapper's PATH looks first: FluxGym's venv, then fluxgymd's own."""
+    return [home / "env" / "bin", home / "venv" / "bin", Path(sys.executable).parent]
+
+
+def _python(home: Path) -> Check:
+    """The interpreter accelerate will start sd-scripts with (FluxGym's env/ first, as the wrapper)."""
+    for d in _venv_bins(home):
+        if (d / "python").is_file():
+            exe = str(d / "python")
+            break
+    else:
+        found = shutil.which("python3")
+        if found is None:
+            return Check("python", Level.FAIL, "no python in FLUXGYM_HOME/env, venv, fluxgymd's venv or PATH",
+                         "create FluxGym's venv: python3 -m venv env && env/bin/pip install -r sd-scripts/requirements.txt")
+        exe = found
+    try:
+        cp = subprocess.run([exe, "-c", "import torch, sys; print(sys.version.split()[0], torch.__version__)"],
+                            capture_output=True, text=True, timeout=120)
+    except (OSError, subprocess.TimeoutExpired) as e:
+        return Check("python", Level.FAIL, f"{exe}: {e}", "repair the venv")
+    if cp.returncode != 0:
+        return Check("python", Level.FAIL, f"{exe} cannot import torch",
+                     f"{Path(exe).parent}/pip install -r {home}/sd-scripts/requirements.txt")
+    py, torch = (cp.stdout.split() + ["?", "?"])[:2]
+    return Check("python", Level.OK, f"{exe}: Python {py}, torch {torch}")
+
+
+def _accelerate(home: Path) -> Check:
+    for d in _venv_bins(home):
+        if (d / "accelerate").is_file():
+            return Check("accelerate", Level.OK, str(d / "accelerate"))
     acc = shutil.which("accelerate")
     if acc:
-        return Check("accelerate", "ok", acc)
-    return Check("accelerate", "fail", "accelerate not found in FLUXGYM_HOME/env, venv or PATH",
+        return Check("accelerate", Level.OK, acc)
+    return Check("accelerate", Level.FAIL, "accelerate not found in FLUXGYM_HOME/env, venv, fluxgymd's venv or PATH",
                  "install sd-scripts' requirements into FLUXGYM_HOME/env")
 
 
 def _models(home: Path) -> Check:
-    missing = [d for d in ("unet", "clip", "vae") if not (home / "models" / d).is_dir()]
+    from .fluxgym_gen import AE, CLIP_L, FLUXGYM_MODELS, T5XXL
+
+    missing = [p for p in (CLIP_L, T5XXL, AE) if not (home / p).is_file()]
+    unets = [m.name for m in FLUXGYM_MODELS.values() if (home / m.unet_path).is_file()]
     if missing:
-        return Check("models", "warn", f"{home}/models lacks {', '.join(missing)}",
-                     "download the base models as FluxGym does (models/unet, models/clip, models/vae)")
-    return Check("models", "ok", str(home / "models"))
+        return Check("models", Level.WARN, f"missing {', '.join(str(home / p) for p in missing)}",
+                     "download them as FluxGym does: clip_l + t5xxl_fp16 from comfyanonymous/flux_text_encoders, "
+                     "ae.sft from cocktailpeanut/xulf-dev")
+    if not unets:
+        return Check("models", Level.WARN, f"no base model in {home / 'models/unet'}",
+                     "download flux1-dev.sft from cocktailpeanut/xulf-dev into models/unet")
+    return Check("models", Level.OK, f"text encoders, VAE, base models: {', '.join(unets)}")
 
 
 def _disk(home: Path) -> Check:
     target = home / "outputs" if (home / "outputs").is_dir() else home
     if not target.exists():
-        return Check("disk", "fail", f"{target} does not exist", f"mkdir -p {home}/outputs")
+        return Check("disk", Level.FAIL, f"{target} does not exist", f"mkdir -p {home}/outputs")
     free_gb = shutil.disk_usage(target).free / 1e9
-    if free_gb < 20:
-        return Check("disk", "warn", f"{free_gb:.1f} GB free in {target}", "free space: each state is GBs")
-    return Check("disk", "ok", f"{free_gb:.0f} GB free in {target}")
+    if free_gb < MIN_FREE_GB:
+        return Check("disk", Level.WARN, f"{free_gb:.1f} GB free in {target}",
+                     "free space: each saved state is several GB")
+    return Check("disk", Level.OK, f"{free_gb:.0f} GB free in {target}")
 
 
 def _perms(home: Path) -> Check:
     outputs = home / "outputs"
-    if outputs.is_dir() and not os.access(outputs, os.W_OK):
-        return Check("permissions", "warn", f"{outputs} not writable by this user",
-                     "chown -R fluxgym: the outputs directory (the service user writes there)")
-    return Check("permissions", "ok", f"{outputs} writable" if outputs.is_dir() else "nothing to check yet")
+    if not outputs.is_dir():
+        return Check("permissions", Level.WARN, f"{outputs} does not exist", f"mkdir -p {outputs}")
+    if not os.access(outputs, os.W_OK):
+        return Check("permissions", Level.WARN, f"{outputs} not writable by this user",
+                     f"chown -R fluxgym: {outputs} (the service user writes there)")
+    return Check("permissions", Level.OK, f"{outputs} writable")
 
 
-def run_checks(home: Path) -> list[Check]:
-    return [_systemd(), _unit(), *_gpus(), _sd_scripts(home), _python_env(home), _models(home),
-            _disk(home), _perms(home)]
+def run_checks(home: Path, user_unit: bool = False) -> list[Check]:
+    return [_systemd(), _unit(user_unit), *_gpus(), _sd_scripts(home), _python(home), _accelerate(home),
+            _models(home), _disk(home), _perms(home)]

@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 import sys
 from enum import IntEnum
+from typing import Protocol
 
 
 class Priority(IntEnum):
@@ -33,8 +34,25 @@ def _stderr_is_journal() -> bool:
 _JOURNAL = _stderr_is_journal()
 
 
+class _Sink(Protocol):
+    def write_marker(self, text: str, priority: int | None = None) -> None: ...
+
+
+# While an attempt runs, the wrapper's own lines go through the log sink: in order with the
+# trainer's output, into training.log too, and never blocking on a frozen journal.
+_sink: _Sink | None = None
+
+
+def attach_sink(sink: _Sink | None) -> None:
+    global _sink
+    _sink = sink
+
+
 def log(priority: Priority, message: str) -> None:
     text = " ".join(message.splitlines()) or "-"
+    if _sink is not None:
+        _sink.write_marker(f"fluxgymd: {text}", int(priority))
+        return
     prefix = f"<{int(priority)}>" if _JOURNAL else ""
     try:
         os.write(sys.stderr.fileno(), f"{prefix}fluxgymd: {text}\n".encode("utf-8", "replace"))

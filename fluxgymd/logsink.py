@@ -6,7 +6,12 @@ Guarantees
     * Ordered: the trainer's stdout and stderr share one pipe; lines and wrapper markers
       (:meth:`LogSink.write_marker`) reach both sinks in the order they were read/queued.
     * Lossless for ordinary lines.  tqdm ``\\r`` frames are coalesced to at most one progress
-      line per ``progress_interval_s`` in both sinks; the last frame of a burst is always kept.
+      line per ``progress_interval_s`` in both sinks (the first frame shows at once, newer
+      frames replace a held one, a held frame is written when due, before the next ordinary
+      line if it is due by then, when the bar ends with ``\\n``, at a marker and at EOF), so
+      the last frame of a burst is always kept; a frame overtaken by lines that arrive before
+      it is due is written after them.  A line printed right after a frame (``\\r<frame>line``)
+      is split off as an ordinary line; non-tqdm text overwritten by ``\\r`` is kept as a line.
     * journald never slows the trainer: journal writes happen in their own thread from a spool
       that never blocks its producer.  The spool keeps up to ``journal_mem_bytes`` in memory and
       past that appends to an unlinked spill file in the run dir, read back in order once the
@@ -38,6 +43,7 @@ Public API
     LogSink(log_path, *, journal_fd=1, ...)
         .attach(fd)             drain a pipe (the sink owns and closes fd)
         .write_marker(text, priority=None)   banner / end marker into both sinks, in order
+        .note(text, priority=None)           a wrapper line for the journal only
         .wait_drained(timeout_s) -> bool     after the child exits: everything written?
         .close(timeout_s=5.0)
         .stats() -> SinkStats    .last_lines(n) -> list[str]
@@ -1013,6 +1019,7 @@ class LogSink:
         self._queued_bytes = 0
         self._readers_active = 0
         self._eof_pending = 0  # EOFs queued but not yet processed
+        self._busy = False  # the processor holds a batch it has not written yet
         self._last_data_s = time.monotonic()
         self._stopping = False
         self._ring: Deque[bytes] = collections.deque()
@@ -1037,6 +1044,11 @@ class LogSink:
     def write_marker(self, text: str, priority: int | None = None) -> None:
         """A wrapper line (attempt banner, end marker) into both sinks after what was read."""
         self._enqueue(_Marker(text.rstrip("\n"), priority))
+
+    def note(self, text: str, priority: int | None = None) -> None:
+        """A wrapper line for the journal only (not training.log), through the same writer
+        so it can never land inside a trainer line; written at once, not after the queue."""
+        self._report(text.rstrip("\n"), priority)
 
     def wait_drained(self, timeout_s: float) -> bool:
         """True once every pipe hit EOF and all of it (and markers) reached both sinks.
@@ -1129,8 +1141,6 @@ class LogSink:
 
     # -- processor thread: tokenize, classify, coalesce, write
 
-    _busy = False
-
     def _next_wakeup_s(self, now_s: float) -> float:
         timeout = 0.5
         due = self._coalescer.due_s()
@@ -1182,7 +1192,13 @@ class LogSink:
                 for item in items:
                     if isinstance(item, bytes):
                         self._last_data_s = now
-                        self._handle_tokens(self._tokens.feed(item), now, fparts, jparts)
+                        # One prefilter for the whole batch: most floods need no prefix.
+                        check = self._prefix and (
+                            self._in_traceback or _might_need_prefix(self._tokens.pending + item)
+                        )
+                        self._handle_tokens(
+                            self._tokens.feed(item), now, fparts, jparts, check_prefix=check
+                        )
                     elif isinstance(item, _Marker):
                         self._handle_tokens(self._tokens.finish(), now, fparts, jparts)
                         self._progress(self._coalescer.flush(now), fparts, jparts)
@@ -1238,7 +1254,13 @@ class LogSink:
             jparts.append(journal_line(line, None) if self._prefix else line)
 
     def _handle_tokens(
-        self, tokens: list[Token], now_s: float, fparts: list[bytes], jparts: list[bytes]
+        self,
+        tokens: list[Token],
+        now_s: float,
+        fparts: list[bytes],
+        jparts: list[bytes],
+        *,
+        check_prefix: bool = True,
     ) -> None:
         for token in tokens:
             kind, data = token.kind, token.data
@@ -1246,7 +1268,7 @@ class LogSink:
                 self._progress(self._coalescer.line(now_s), fparts, jparts)
                 self._lines += data.count(b"\n")
                 fparts.append(data)
-                jparts.append(self._journal_block(data))
+                jparts.append(self._journal_block(data) if check_prefix else data)
                 if self._on_line is not None:
                     for raw in data.split(b"\n")[:-1]:
                         self._on_line(raw.decode("utf-8", "replace"), False)
@@ -1293,7 +1315,7 @@ class LogSink:
         out.append(block[pos:])
         return b"".join(out)
 
-    def _report(self, message: str, priority: int) -> None:
+    def _report(self, message: str, priority: int | None) -> None:
         """A line of the sink's own, to the journal only (training.log may be what failed)."""
         line = message.encode() + b"\n"
         self._journal.put(journal_line(line, priority) if self._prefix else line)

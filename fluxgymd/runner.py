@@ -112,14 +112,33 @@ class Run:
         self.status = StatusDoc(name=self.name, status=RunStatus.STARTING)
         self._last_status_line = ""
         self._gpu_problem: str | None = None
+        self._status_error: str | None = None
+        self._prom_dir: Path | None = None
+        self._prom_error: str | None = None
+        self._ledger_error: str | None = None
 
     # --- status --------------------------------------------------------------------------
     def publish(self, **changes: object) -> None:
         self.status = replace(self.status, updated_at=utc_now_iso(), **changes)  # type: ignore[arg-type]
         try:
             write_status(self.paths.status_json, self.status)
+            if self._status_error:
+                journal.info(f"{self.paths.status_json} is writable again")
+                self._status_error = None
         except OSError as e:
-            journal.err(f"cannot write {self.paths.status_json}: {e.strerror}")
+            if e.strerror != self._status_error:  # once per failure, not once per poll
+                journal.err(f"cannot write {self.paths.status_json}: {e.strerror}; retrying at each poll")
+                self._status_error = e.strerror
+        if self._prom_dir is not None:
+            from .metrics import write_prom
+
+            try:
+                write_prom(self._prom_dir, self.name, self.status)
+                self._prom_error = None
+            except OSError as e:
+                if e.strerror != self._prom_error:
+                    journal.err(f"cannot write metrics into {self._prom_dir}: {e.strerror}")
+                    self._prom_error = e.strerror
         line = status_line(self.status)
         if line != self._last_status_line:
             self.notifier.notify(f"STATUS={line}")
@@ -128,6 +147,7 @@ class Run:
     # --- the eight steps -----------------------------------------------------------------
     def start(self) -> None:
         cfg = load_config(self.paths)  # 1. config (78)
+        self._prom_dir = cfg.metrics.prometheus_dir
         argv, source = base_argv(cfg)
         target = trainer_target(argv, cfg.train.workdir, source)
         env = trainer_env(
@@ -168,7 +188,7 @@ class Run:
         if final_model_problem(target, ledger.first_start_epoch_s) is None:
             journal.info(f"{target.final_model} is complete and valid: nothing to train")
             self.notifier.notify("READY=1")  # Type=notify: exiting 0 before READY=1 is a protocol failure
-            save_ledger(self.paths.ledger_json, ledger)
+            self._save_ledger(ledger)
             self.publish(status=RunStatus.COMPLETED, reason=None, best_checkpoint=chosen.name if chosen else None,
                          epoch=ledger.total_epochs, epochs=ledger.total_epochs,
                          step=ledger.total_steps, steps=ledger.total_steps,
@@ -190,8 +210,19 @@ class Run:
             + (Attempt(number=number, started_at=utc_now_iso(), start_abs_step=plan.start_abs_step,
                        resumed_from=chosen.name if chosen else None, kohya_step_base=plan.kohya_step_base),),
         )
-        save_ledger(self.paths.ledger_json, ledger)
+        self._save_ledger(ledger)
         self._attempt(cfg, plan, env, target, ledger, number, streak, stacks_dir)
+
+    def _save_ledger(self, ledger: Ledger) -> None:
+        """A full disk must not end the run: the ledger is rewritten at the next chance, and
+        without it resume falls back to what the checkpoints themselves say."""
+        try:
+            save_ledger(self.paths.ledger_json, ledger)
+            self._ledger_error = None
+        except OSError as e:
+            if e.strerror != self._ledger_error:
+                journal.err(f"cannot write {self.paths.ledger_json}: {e.strerror}; progress records may lag")
+                self._ledger_error = e.strerror
 
     def _path_prefix(self, cfg: RunConfig) -> list[str]:
         """FluxGym's own venv (env/) first, then the interpreter running fluxgymd."""
@@ -200,7 +231,7 @@ class Run:
 
     def _give_up(self, ledger: Ledger, streak: int, limit: int, chosen: Checkpoint | None) -> None:
         reason = f"{streak} attempts in a row made no progress (max_attempts_without_progress = {limit})"
-        save_ledger(self.paths.ledger_json, ledger)
+        self._save_ledger(ledger)
         self.publish(status=RunStatus.FAILED, reason=reason, attempts_without_progress=streak,
                      best_checkpoint=chosen.name if chosen else None)
         raise GaveUp(f"run {self.name}: giving up: {reason}; fix the cause, then `fluxgym restart {self.name}`")
@@ -224,6 +255,7 @@ class Run:
         )
         probe = GpuProbe(cfg.train.gpus, cfg.watchdog.gpu_busy_percent, env)
         started_wall = time.time()
+        journal.attach_sink(sink)
         sink.write_marker(f"==== attempt {number} · {plan.describe()} · {utc_now_iso()} ====")
         journal.info(f"attempt {number}: {plan.describe()}: {' '.join(plan.argv)}")
         self.publish(
@@ -283,6 +315,7 @@ class Run:
         try:
             self._finish(cfg, end, tracker, sink, target, ledger, number, started_wall, plan)
         finally:
+            journal.attach_sink(None)
             sink.close()
 
     def _note_gpu_problem(self, problem: str | None) -> None:
@@ -312,7 +345,7 @@ class Run:
 
         if end.outcome is Outcome.STOPPED:
             sink.write_marker(f"==== attempt {number} stopped (systemctl stop) · {now} ====")
-            save_ledger(self.paths.ledger_json, end_last_attempt(ledger, "stopped", now))
+            self._save_ledger(end_last_attempt(ledger, "stopped", now))
             self.publish(status=RunStatus.STOPPED, reason="stopped by request", best_checkpoint=best_name)
             return
 
@@ -320,9 +353,15 @@ class Run:
             problem = final_model_problem(target, ledger.first_start_epoch_s)
             if problem is None:
                 sink.write_marker(f"==== attempt {number} completed · model {target.final_model} verified · {now} ====")
-                save_ledger(self.paths.ledger_json, end_last_attempt(ledger, "completed", now))
-                self.publish(status=RunStatus.COMPLETED, reason=None, best_checkpoint=best_name,
-                             step=p.total_steps or self.status.step, eta_s=None)
+                self._save_ledger(end_last_attempt(ledger, "completed", now))
+                _, _, last_wall, _ = tracker.snapshot()
+                self.publish(
+                    status=RunStatus.COMPLETED, reason=None, best_checkpoint=best_name, eta_s=None,
+                    step=p.total_steps or self.status.step, steps=p.total_steps or self.status.steps,
+                    epoch=p.epochs or self.status.epoch, epochs=p.epochs or self.status.epochs,
+                    loss=p.loss if p.loss is not None else self.status.loss,
+                    last_progress_at=iso_from_epoch(last_wall) or self.status.last_progress_at,
+                )
                 journal.info(f"run completed: {target.final_model} verified")
                 return
             reason = f"trainer exited 0 without a valid final model ({problem})"
@@ -338,7 +377,7 @@ class Run:
             result = "failed-attempt"
 
         ledger = end_last_attempt(ledger, result, now)
-        save_ledger(self.paths.ledger_json, ledger)
+        self._save_ledger(ledger)
         best_abs = chosen.abs_step if (chosen and chosen.abs_step is not None) else 0
         streak = attempts_without_progress(ledger, best_abs)
         limit = cfg.restart.max_attempts_without_progress

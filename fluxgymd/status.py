@@ -9,6 +9,7 @@ status.json schema (version 1), all keys always present, null when unknown:
 from __future__ import annotations
 
 import datetime as _dt
+import re
 from dataclasses import asdict, dataclass
 from enum import Enum
 from pathlib import Path
@@ -91,5 +92,6 @@ def status_line(doc: StatusDoc, max_len: int = 99) -> str:
         parts.append(f"ETA {format_duration(doc.eta_s)}")
     if not parts:
         parts.append("starting")
-    line = " · ".join(parts)
+    # one line: a newline would start a new sd_notify assignment
+    line = " · ".join(re.sub(r"\s+", " ", part).strip() for part in parts)
     return line if len(line) <= max_len else line[: max_len - 1] + "…"

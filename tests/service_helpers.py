@@ -19,7 +19,7 @@ def unit(name: str) -> str:
 
 
 def standin_argv(name: str, run_dir: Path, *extra: str, epochs: int = 4, batches: int = 5,
-                 step_s: float = 0.05, accelerate: bool = False) -> list[str]:
+                 step_s: float = 0.05, accelerate: bool = False, output_dir: Path | None = None) -> list[str]:
     """The stand-in as FluxGym would launch kohya: through `accelerate launch`, or directly."""
     launcher = (
         [str(VENV_BIN / "accelerate"), "launch", "--num_processes", "1", "--num_machines", "1",
@@ -27,7 +27,7 @@ def standin_argv(name: str, run_dir: Path, *extra: str, epochs: int = 4, batches
         if accelerate else [sys.executable, "-m"]
     )
     return launcher + [
-        "fluxgymd.standin", "--output_dir", str(run_dir), "--output_name", name,
+        "fluxgymd.standin", "--output_dir", str(output_dir or run_dir), "--output_name", name,
         "--max_train_epochs", str(epochs), "--save_every_n_epochs", "1", "--save_state",
         "--standin_batches_per_epoch", str(batches), "--standin_step_seconds", str(step_s), *extra,
     ]
@@ -53,14 +53,14 @@ class Runs:
     def create(self, name: str, *standin: str, watchdog: dict[str, Any] | None = None,
                restart: dict[str, Any] | None = None, env: dict[str, str] | None = None,
                accelerate: bool = False, epochs: int = 4, batches: int = 5, step_s: float = 0.05,
-               raw_toml: str | None = None) -> Path:
+               raw_toml: str | None = None, output_dir: Path | None = None) -> Path:
         d = self.run_dir(name)
         d.mkdir(parents=True, exist_ok=True)
         if raw_toml is not None:
             (d / "run.toml").write_text(raw_toml)
             return d
         argv = standin_argv(name, d, *standin, epochs=epochs, batches=batches, step_s=step_s,
-                            accelerate=accelerate)
+                            accelerate=accelerate, output_dir=output_dir)
         wd = {"stall_timeout": "8s", "poll_interval": "1s", **(watchdog or {})}
         lines = ["[train]", f"command = {toml_list(argv)}", f"workdir = {json.dumps(str(REPO_ROOT))}"]
         if env:

@@ -44,7 +44,7 @@ def runs(systemd_box_module, nvml_lib, request) -> Runs:
 def nvml_for(runs: Runs, name: str, device_util: int = 97) -> FakeNvml:
     """A fresh stand-in NVML (one GPU) for run `name`. Its state lives under FLUXGYM_HOME,
     which the unit may write: the stand-in trainer writes its own reading into it."""
-    fake = FakeNvml(runs.home / "nvml" / name / "state", Path(runs.extra_unit.split("=", 2)[2].splitlines()[0]) / "libnvidia-ml.so.1")
+    fake = FakeNvml(runs.home / "nvml" / name / "state", build_fake_nvml())
     fake.set_device(0, util_percent=device_util)
     runs.box.install_dropin(unit(name), "60-nvml.conf",
                             f"[Service]\nEnvironment={STATE_ENV}={fake.state_path}\n")
@@ -178,13 +178,13 @@ def test_idle_hang_is_restarted_while_another_process_keeps_the_gpu_busy(runs):
 SLOW = dict(step_s=0.3, epochs=8, batches=5)  # 40 steps, ~12 s: faults land mid-run
 
 
-@pytest.mark.parametrize("fault, shown", [
-    ("gpu_lost 0", "GPU 0 lost"),
-    ("block nvmlDeviceGetUtilizationRates", "NVML hung"),
-    ("block nvmlDeviceGetProcessUtilization", "NVML hung"),
+@pytest.mark.parametrize("name, fault, shown", [
+    ("nvlost", "gpu_lost 0", "GPU 0 lost"),
+    ("nvblockutil", "block nvmlDeviceGetUtilizationRates", "NVML hung"),
+    ("nvblockproc", "block nvmlDeviceGetProcessUtilization", "NVML hung"),
 ], ids=["gpu-lost", "block-utilization", "block-process-utilization"])
-def test_nvml_fault_mid_run_is_reported_and_the_run_goes_on(runs, fault, shown):
-    name = "nv-" + fault.split()[-1].removeprefix("nvmlDevice").lower().replace("_", "")
+def test_nvml_fault_mid_run_is_reported_and_the_run_goes_on(runs, name, fault, shown):
+    # names without '-': the unit's %I would unescape it to '/'
     fake = nvml_for(runs, name)
     runs.create(name, *standin_nvml(fake), **SLOW)
     runs.start(name)

@@ -419,10 +419,12 @@ def test_markers_come_in_order_after_a_partial_line(tmp_path: Path) -> None:
     assert proc.wait(DEADLINE_S) == 0
     assert sink.wait_drained(DEADLINE_S)
     sink.write_marker("==== attempt 2 stalled ====", priority=3)
+    assert sink.wait_drained(DEADLINE_S)
+    sink.note("journal only", priority=5)
     sink.close()
     assert journal.close() == (
         "==== attempt 2 · resumed from x-000008-state (epoch 8) ====\na\nb\n"
-        "<3>==== attempt 2 stalled ====\n"
+        "<3>==== attempt 2 stalled ====\n<5>journal only\n"
     ).encode()
     assert (tmp_path / "training.log").read_bytes() == (
         "==== attempt 2 · resumed from x-000008-state (epoch 8) ====\na\nb\n"

@@ -38,6 +38,7 @@ class StandinArgs:
     gpu_index: int
     flood_lines: int | None
     flood_frames: int
+    flood_rate: float | None  # lines per second to hold (None: as fast as possible)
     faults: tuple[Fault, ...]
     fault_every_attempt: bool
     ignored_flags: tuple[str, ...]
@@ -93,6 +94,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--standin_gpu_index", type=int, default=0)
     s.add_argument("--standin_flood", type=_positive_int, default=None, metavar="LINES")
     s.add_argument("--standin_flood_frames", type=int, default=0, metavar="FRAMES")
+    s.add_argument("--standin_flood_rate", type=float, default=None, metavar="LINES_PER_S",
+                   help="pace the flood at this many lines per second (a writer that only slows "
+                        "down when its output blocks)")
     s.add_argument("--fault", type=_fault, action="append", default=[], metavar="KIND@STEP")
     s.add_argument("--fault-every-attempt", "--fault_every_attempt", dest="fault_every_attempt", action="store_true")
     return p
@@ -127,6 +131,7 @@ def parse_args(argv: Sequence[str]) -> StandinArgs:
         gpu_index=ns.standin_gpu_index,
         flood_lines=ns.standin_flood,
         flood_frames=ns.standin_flood_frames,
+        flood_rate=ns.standin_flood_rate,
         faults=tuple(ns.fault),
         fault_every_attempt=ns.fault_every_attempt,
         ignored_flags=ignored,

@@ -34,7 +34,13 @@ def flood(args: StandinArgs) -> int:
     with open(args.output_dir / RATE_FILE_NAME, "a", encoding="utf-8") as rate:
         window_start = time.monotonic()
         in_window = 0
+        start = time.monotonic()
         for n in range(1, lines + 1):
+            if args.flood_rate and n % 100 == 0:
+                # hold the schedule: sleep only when ahead of it, never "catch up" faster
+                ahead_s = start + n / args.flood_rate - time.monotonic()
+                if ahead_s > 0:
+                    time.sleep(ahead_s)
             out.write(f"flood line {n:06d} {PAYLOAD}\n")
             out.flush()
             in_window += 1
