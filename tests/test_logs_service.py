@@ -183,3 +183,51 @@ def test_disk_full_run_continues_and_log_marks_the_gap(work_dir):
     finally:
         box.kill()
         subprocess.run(["umount", "-l", str(mnt)], check=False)
+
+
+def all_log_lines(run_dir) -> list[str]:
+    """training.log with its rotated predecessors (.N.gz oldest first), as lines."""
+    import gzip
+
+    parts = []
+    rotated = sorted(run_dir.glob("training.log.*"), key=lambda p: -int(p.name.split(".")[2]))
+    for p in rotated:
+        data = gzip.decompress(p.read_bytes()) if p.suffix == ".gz" else p.read_bytes()
+        parts.append(data.decode(errors="replace"))
+    parts.append((run_dir / "training.log").read_text(errors="replace"))
+    return "".join(parts).splitlines()
+
+
+def test_logs_follow_across_watchdog_restart_and_rotation(runs):
+    name = "follow"
+    d = runs.create(name, "--fault", "hang-idle@12", watchdog={"stall_timeout": "6s"}, epochs=6)
+    with open(d / "run.toml", "a") as f:
+        f.write('[logs]\nrotate_size = 4096\nkeep = 50\n')  # rotate many times on a small run
+    fluxgym = [str(sys.executable.rsplit("/", 1)[0] + "/fluxgym"), "--home", str(runs.home)]
+    follower = subprocess.Popen(fluxgym + ["logs", "-f", "-n", "0", name], stdout=subprocess.PIPE)
+    try:
+        runs.start(name)
+        props = runs.wait_settled(name)
+        assert props["Result"] == "success" and runs.restarts(name) == 1
+        # read (raw, non-blocking) until the follower has shown the run's last line
+        fd = follower.stdout.fileno()
+        os.set_blocking(fd, False)
+        buf = bytearray()
+
+        def seen_end() -> bool:
+            try:
+                while chunk := os.read(fd, 1 << 16):
+                    buf.extend(chunk)
+            except BlockingIOError:
+                pass
+            return re.search(rb"^==== attempt 2 completed", bytes(buf), re.M) is not None
+
+        runs.box.wait_for(seen_end, timeout_s=60, what="the follower to show the end of the run")
+        got = bytes(buf).decode(errors="replace").splitlines()
+    finally:
+        follower.terminate()
+        follower.wait(timeout=10)
+    assert len(list(d.glob("training.log.*"))) >= 2, "no rotation happened"
+    expected = all_log_lines(d)
+    assert got == expected
+    assert sum(l.startswith("==== attempt") and "·" in l and "fresh start" in l for l in got) == 1
