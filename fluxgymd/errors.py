@@ -42,3 +42,9 @@ class AttemptFailed(FluxgymError):
 
 class GaveUp(FluxgymError):
     exit_code = ExitCode.GAVE_UP
+
+
+class AlreadyRunning(FluxgymError):
+    """Another wrapper holds the run's lock: no restart (it would only collide again)."""
+
+    exit_code = ExitCode.BAD_CONFIG

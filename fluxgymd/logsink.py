@@ -1021,6 +1021,9 @@ class LogSink:
         self._eof_pending = 0  # EOFs queued but not yet processed
         self._busy = False  # the processor holds a batch it has not written yet
         self._last_data_s = time.monotonic()
+        # the _last_data_s whose idle frame was already looked at: an unfinished tqdm frame
+        # stays pending between steps, and must not make the thread spin every 10 ms
+        self._idle_checked_for_s = float("-inf")
         self._stopping = False
         self._ring: Deque[bytes] = collections.deque()
         self._ring_size = 0
@@ -1146,7 +1149,7 @@ class LogSink:
         due = self._coalescer.due_s()
         if due is not None:
             timeout = min(timeout, max(0.0, due - now_s))
-        if self._tokens.pending:
+        if self._tokens.pending and self._idle_checked_for_s < self._last_data_s:
             timeout = min(timeout, max(0.01, self._last_data_s + self._IDLE_FRAME_S - now_s))
         retry = self._file.next_retry_s()
         if retry is not None:
@@ -1211,6 +1214,7 @@ class LogSink:
                         self._progress(self._coalescer.flush(now), fparts, jparts)
                 if not items:
                     if now - self._last_data_s >= self._IDLE_FRAME_S:
+                        self._idle_checked_for_s = self._last_data_s
                         token = self._tokens.idle()
                         if token is not None:
                             self._handle_tokens([token], now, fparts, jparts)

@@ -14,7 +14,7 @@ from pathlib import Path
 from . import journal
 from .checkpoints import Checkpoint, best, scan_states, with_absolute_progress
 from .config import RunConfig, load_config
-from .errors import AttemptFailed, ConfigError, GaveUp, MissingInputError
+from .errors import AlreadyRunning, AttemptFailed, ConfigError, GaveUp, MissingInputError
 from .inputs import check_inputs
 from .ledger import Attempt, Ledger, attempts_without_progress, end_last_attempt, load_ledger, save_ledger
 from .liveness import Limits, Verdict
@@ -93,10 +93,12 @@ def record_new_states(ledger: Ledger, target: TrainerTarget, since_s: float | No
 
     known = dict(ledger.state_abs_steps)
     for c in scan_states(target.output_dir, target.output_name):
-        if c.kind is not StateKind.STEP or c.name in known or c.number is None:
+        if c.kind is not StateKind.STEP or c.number is None:
             continue
         try:
-            mtime = c.path.stat().st_mtime
+            # kohya's relative names repeat across attempts and accelerate overwrites the
+            # directory's files in place: train_state.json's mtime says which attempt wrote it
+            mtime = (c.path / "train_state.json").stat().st_mtime
         except OSError:
             continue
         if since_s is None or mtime >= since_s - 1:
@@ -104,9 +106,16 @@ def record_new_states(ledger: Ledger, target: TrainerTarget, since_s: float | No
     return replace(ledger, state_abs_steps=known)
 
 
+def instance_to_name(instance: str) -> str:
+    """The unit passes %I (unescaped): `fluxgym start my-lora` starts fluxgym-train@my\\x2dlora
+    and %I gives "my-lora", but a hand-typed `systemctl start fluxgym-train@my-lora` gives
+    "my/lora". Names never contain "/", so mapping it back makes both spellings work."""
+    return instance.replace("/", "-")
+
+
 class Run:
     def __init__(self, name: str, home: Path | None = None) -> None:
-        self.name = validate_name(name)
+        self.name = validate_name(instance_to_name(name))
         self.paths = RunPaths(home or fluxgym_home(), self.name)
         self.notifier = _Notifier()
         self.status = StatusDoc(name=self.name, status=RunStatus.STARTING)
@@ -147,6 +156,7 @@ class Run:
     # --- the eight steps -----------------------------------------------------------------
     def start(self) -> None:
         cfg = load_config(self.paths)  # 1. config (78)
+        self._lock()
         self._prom_dir = cfg.metrics.prometheus_dir
         argv, source = base_argv(cfg)
         target = trainer_target(argv, cfg.train.workdir, source)
@@ -212,6 +222,23 @@ class Run:
         )
         self._save_ledger(ledger)
         self._attempt(cfg, plan, env, target, ledger, number, streak, stacks_dir)
+
+    def _lock(self) -> None:
+        """One wrapper per run: the two spellings of an instance name are two units, and a
+        second one must not train into the same folder. Held until the process exits."""
+        import fcntl
+
+        path = self.paths.run_dir / ".fluxgymd.lock"
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            raise AlreadyRunning(
+                f"run {self.name} is already being supervised by another fluxgymd (lock {path}); "
+                f"use `fluxgym status {self.name}`"
+            ) from None
+        self._lock_fd = fd
 
     def _save_ledger(self, ledger: Ledger) -> None:
         """A full disk must not end the run: the ledger is rewritten at the next chance, and

@@ -30,6 +30,14 @@ def _fresh_dir(label: str) -> Path:
     return path
 
 
+@pytest.fixture(scope="module")
+def module_home(request: pytest.FixtureRequest) -> Iterator[Path]:
+    """A FLUXGYM_HOME shared by one module's runs (outside /tmp: the box must see it)."""
+    path = _fresh_dir(f"home-{request.module.__name__}")
+    yield path
+    shutil.rmtree(path, ignore_errors=True)
+
+
 @pytest.fixture
 def work_dir(request: pytest.FixtureRequest) -> Iterator[Path]:
     path = _fresh_dir(request.node.name)

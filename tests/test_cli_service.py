@@ -69,11 +69,9 @@ def settled(doc: dict[str, Any]) -> bool:
 
 
 @pytest.fixture(scope="module")
-def cli(systemd_box_module: SystemdBox, request: pytest.FixtureRequest) -> Cli:
-    from conftest import _fresh_dir
-
+def cli(systemd_box_module: SystemdBox, module_home: Path) -> Cli:
     box = systemd_box_module
-    home = _fresh_dir(f"home-{request.module.__name__}")
+    home = module_home
     (home / "outputs").mkdir()
     (home / "fluxgym.toml").write_text(
         f"[notify]\ncommand = {toml_list([sys.executable, '-c', NOTIFY_SCRIPT])}\n"

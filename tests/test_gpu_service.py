@@ -29,10 +29,8 @@ def nvml_lib() -> Path:
 
 
 @pytest.fixture(scope="module")
-def runs(systemd_box_module, nvml_lib, request) -> Runs:
-    from conftest import _fresh_dir
-
-    home = _fresh_dir(f"home-{request.module.__name__}")
+def runs(systemd_box_module, nvml_lib, module_home) -> Runs:
+    home = module_home
     # a default state for the template; every test points its instance at its own state
     default = FakeNvml(home / "nvml" / "default" / "state", nvml_lib)
     default.set_device(0, util_percent=0)

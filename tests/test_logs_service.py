@@ -20,10 +20,8 @@ FLOOD_RE = re.compile(r"^flood line (\d{6}) ")
 
 
 @pytest.fixture(scope="module")
-def runs(systemd_box_module, request):
-    from conftest import _fresh_dir
-
-    return Runs(systemd_box_module, _fresh_dir(f"home-{request.module.__name__}"))
+def runs(systemd_box_module, module_home):
+    return Runs(systemd_box_module, module_home)
 
 
 def flood_numbers(text: str) -> list[int]:
@@ -154,7 +152,7 @@ def test_disk_full_run_continues_and_log_marks_the_gap(work_dir):
             except OSError:
                 pass
         box.wait_for(lambda: any("training.log" in str(e.get("MESSAGE")) for e in runs.journal(name, "-p", "err")),
-                     timeout_s=60, what="the disk-full error in the journal")
+                     timeout_s=60, what="the disk-full error in the journal", interval_s=1.0)
         # keep the disk full while the trainer prints 10 s more: more than the sink may hold
         rate_file = home / "checkpoints" / ".standin-flood-rate.jsonl"
 

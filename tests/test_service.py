@@ -15,11 +15,8 @@ pytestmark = pytest.mark.systemd
 
 
 @pytest.fixture(scope="module")
-def runs(systemd_box_module, request):
-    from conftest import _fresh_dir
-
-    home = _fresh_dir(f"home-{request.module.__name__}")
-    return Runs(systemd_box_module, home)
+def runs(systemd_box_module, module_home):
+    return Runs(systemd_box_module, module_home)
 
 
 def banners(log: str) -> list[str]:
@@ -169,3 +166,30 @@ def test_exit_zero_without_model_is_a_failed_attempt(runs):
     assert re.search(r"^==== attempt 1 failed-attempt: trainer exited 0 without a valid final model", log, re.M)
     assert runs.restarts(props["_name"]) == 1 and props["Result"] == "success"
     assert runs.status("nomodel")["status"] == "completed"
+
+
+def test_resume_from_step_states_written_by_a_resumed_attempt(runs):
+    # step states every 3 steps: attempt 2 (resumed at absolute step 6) names its states with
+    # kohya's relative count, so "step00000003" is written again meaning absolute step 8, and
+    # "step00000009" means absolute step 14. The second resume must start at 14, not 9.
+    runs.create("steps", "--save_every_n_steps", "3", "--fault", "crash@8", "--fault", "crash@15")
+    runs.start("steps")
+    props = runs.wait_settled("steps", timeout_s=300)
+    assert props["Result"] == "success" and runs.restarts("steps") == 2
+    counts = Counter(runs.steps_trained("steps"))
+    assert set(counts) == set(range(1, 21))
+    assert [s for s, n in counts.items() if n > 1] == [7]  # only the step lost to the first crash
+    b = banners(runs.log("steps"))
+    assert "resumed from steps-step00000006-state (step 6)" in b[1]
+    assert "resumed from steps-step00000009-state (step 14)" in b[2]
+
+
+def test_dash_in_name_works_typed_raw_or_escaped(runs):
+    # users type `systemctl start fluxgym-train@my-lora`; `fluxgym start` uses systemd-escape
+    runs.create("my-lora", epochs=1)
+    runs.start("my-lora")  # the raw spelling: %I unescapes "-" to "/", the wrapper maps it back
+    props = runs.wait_settled("my-lora")
+    assert props["Result"] == "success" and runs.status("my-lora")["status"] == "completed"
+    escaped = "fluxgym-train@my\\x2dlora.service"
+    runs.box.systemctl("start", escaped)  # already complete: a no-op start that exits 0
+    assert runs.box.show(escaped, "Result")["Result"] == "success"
