@@ -85,6 +85,9 @@ def run_sink_role(args: argparse.Namespace) -> None:
     sink = LogSink(workdir / "training.log", journal_fd=journal_fd, journal_prefix=True,
                    rotate_bytes=args.rotate_mb * 1_000_000)
     read_fd, write_fd = os.pipe()
+    from fluxgymd.supervisor import widen_pipe
+
+    widen_pipe(write_fd)  # as the wrapper does for the trainer's pipe
     t0 = time.monotonic()
     child = subprocess.Popen(producer_argv(args), stdout=write_fd, stderr=subprocess.PIPE)
     os.close(write_fd)

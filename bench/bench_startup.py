@@ -2,8 +2,8 @@
 
 Runs the real wrapper with a trivial trainer (`true`-like Python that exits at once is not
 needed: READY=1 is sent right after the launch) under a fake NOTIFY_SOCKET this script
-listens on, and times exec -> READY=1. Also reports the import time of the wrapper's
-modules (python -X importtime). Prints median and spread over N runs.
+listens on, and times exec -> READY=1 (config, checkpoint scan, ledger, launch included). Prints median
+and spread over N runs.
 
     .venv/bin/python bench/bench_startup.py [--runs 10]
 """
@@ -62,12 +62,8 @@ def main() -> None:
             for f in (run_dir / ".fluxgymd-ledger.json",):
                 f.unlink(missing_ok=True)
             times.append(one_run(home))
-    imp = subprocess.run([sys.executable, "-X", "importtime", "-c", "import fluxgymd.cli_daemon, fluxgymd.runner, fluxgymd.logsink, fluxgymd.gpuprobe"],
-                         capture_output=True, text=True).stderr.splitlines()
-    total_us = sum(int(l.split("|")[1]) for l in imp if l.startswith("import time:") and l.split("|")[1].strip().isdigit())
     print(f"fluxgymd exec -> READY=1: median {statistics.median(times) * 1000:.0f} ms "
           f"(min {min(times) * 1000:.0f}, max {max(times) * 1000:.0f}, n={len(times)})")
-    print(f"import of wrapper modules (self time sum, -X importtime): {total_us / 1000:.0f} ms")
 
 
 if __name__ == "__main__":

@@ -26,7 +26,7 @@ Guarantees
       (the oldest blocks beyond that are counted as lost), the file is retried every
       ``retry_s``; when it works again a ``==== training.log gap ... ====`` line marks where
       and when lines were lost (or, if the backlog kept everything, that nothing was lost).
-    * Memory: reader queue <= ``read_queue_bytes`` (8 MiB; only a disk too slow to take it
+    * Memory: reader queue <= ``read_queue_bytes`` (4 MiB; only a disk too slow to take it
       makes the reader wait, never the journal), journal memory <= ``journal_mem_bytes``
       (4 MiB), file backlog <= ``file_backlog_bytes`` (4 MiB), lines > 1 MiB are split.
 
@@ -988,7 +988,7 @@ class LogSink:
         journal_prefix: bool | None = None,
         unit_name: str | None = None,
         spill_dir: Path | None = None,
-        read_queue_bytes: int = 8 * MiB,
+        read_queue_bytes: int = 4 * MiB,
         journal_mem_bytes: int = 4 * MiB,
         file_backlog_bytes: int = 4 * MiB,
         retry_s: float = 3.0,
