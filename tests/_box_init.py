@@ -100,6 +100,23 @@ def _private_dev() -> None:
         os.symlink(target, f"/dev/{name}")
 
 
+def _hold_kept_paths() -> list[tuple[str, int]]:
+    """Open the paths in BOX_KEEP_PATHS (the checkout, the interpreter) that a fresh tmpfs
+    is about to hide, e.g. a CI clone under /tmp; they are bound back after the mounts."""
+    held = []
+    for path in filter(None, os.environ.pop("BOX_KEEP_PATHS", "").split(os.pathsep)):
+        if any(path == d or path.startswith(d + "/") for d in TMPFS_DIRS) and os.path.isdir(path):
+            held.append((path, os.open(path, os.O_PATH | os.O_DIRECTORY)))
+    return held
+
+
+def _restore_kept_paths(held: list[tuple[str, int]]) -> None:
+    for path, fd in held:
+        os.makedirs(path, exist_ok=True)  # inside the box's fresh tmpfs
+        subprocess.run(["mount", "--rbind", f"/proc/self/fd/{fd}", path], check=True, pass_fds=(fd,))
+        os.close(fd)
+
+
 def main(argv: list[str]) -> None:
     if len(argv) < 3:
         sys.exit("usage: _box_init.py SYSTEMD_BIN TARGET [CGROUP_PROCS_FILE ...]")
@@ -110,9 +127,12 @@ def main(argv: list[str]) -> None:
     # Per-mount read-only flags (bind remounts) touch only this namespace's mounts.
     _mount("--bind", "/proc/sys", "/proc/sys")
     _mount("-o", "remount,bind,ro", "/proc/sys")
+    kept = _hold_kept_paths()
     for path in TMPFS_DIRS:
         if Path(path).is_dir():  # only mount over what exists: never create dirs on the host
-            _mount("-t", "tmpfs", "-o", "mode=0755,nosuid,nodev", "tmpfs", path)
+            _mount("-t", "tmpfs", "-o", "mode=1777,nosuid,nodev" if "tmp" in path else "mode=0755,nosuid,nodev",
+                   "tmpfs", path)
+    _restore_kept_paths(kept)
     os.mkdir("/run/lock", 0o1777)
     _private_cgroup_root()
     _mount("-o", "remount,bind,ro", "/sys")

@@ -307,6 +307,10 @@ class SystemdBox:
             "SYSTEMD_LOG_LEVEL": self.log_level,
             "SYSTEMD_LOG_TARGET": "journal-or-kmsg",
             "LANG": "C.UTF-8",
+            # a checkout (and its venv) that lives under /tmp stays visible in the box
+            "BOX_KEEP_PATHS": os.pathsep.join(
+                dict.fromkeys([str(REPO_ROOT), os.path.realpath(sys.base_prefix)])
+            ),
         }
         argv = [
             "unshare", "--fork", "--pid", "--mount", "--uts", "--ipc", "--mount-proc",
