@@ -26,10 +26,12 @@ ON_SUCCESS_MIN_SYSTEMD = 249  # OnSuccess= appeared in systemd 249
 
 def unit_sources() -> Path:
     here = Path(__file__).resolve().parent
-    for candidate in (here / "units", here.parent / "systemd"):
+    for candidate in (here.parent / "systemd", Path(sys.prefix) / "share" / "fluxgymd" / "systemd"):
         if (candidate / UNITS[0]).is_file():
             return candidate
-    raise FluxgymError("unit templates not found next to the fluxgymd package (expected systemd/)")
+    raise FluxgymError(
+        f"unit templates not found in {here.parent / 'systemd'} nor {Path(sys.prefix) / 'share/fluxgymd/systemd'}"
+    )
 
 
 def entry_point(name: str) -> Path:

@@ -13,6 +13,8 @@ from pathlib import Path
 
 from .atomic import write_json_atomic
 
+GAVE_UP = "gave-up"  # result of the attempt after which a run gave up (exit 79)
+
 
 @dataclass(frozen=True)
 class Attempt:
@@ -83,8 +85,8 @@ def attempts_without_progress(ledger: Ledger, current_best_abs_step: int) -> int
     starts = [a.start_abs_step for a in ledger.attempts] + [current_best_abs_step]
     streak = 0
     for j in range(len(ledger.attempts) - 1, -1, -1):
-        if ledger.attempts[j].result == "completed":
-            break
+        if ledger.attempts[j].result in ("completed", GAVE_UP):
+            break  # a finished run, or a give-up a person has since restarted: count afresh
         if starts[j + 1] > starts[j]:
             break
         streak += 1

@@ -16,7 +16,7 @@ from .checkpoints import Checkpoint, best, scan_states, with_absolute_progress
 from .config import RunConfig, load_config
 from .errors import AlreadyRunning, AttemptFailed, ConfigError, GaveUp, MissingInputError
 from .inputs import check_inputs
-from .ledger import Attempt, Ledger, attempts_without_progress, end_last_attempt, load_ledger, save_ledger
+from .ledger import GAVE_UP, Attempt, Ledger, attempts_without_progress, end_last_attempt, load_ledger, save_ledger
 from .liveness import Limits, Verdict
 from .names import unit_name, validate_name
 from .paths import RunPaths, fluxgym_home
@@ -53,7 +53,8 @@ class _Notifier:
 def hook_dir(home: Path) -> Path | None:
     """The trainer-side sitecustomize: the box's sd-scripts/ place first, else this checkout's."""
     for candidate in (home / "sd-scripts" / "fluxgymd_hook",
-                      Path(__file__).resolve().parent.parent / "sd-scripts" / "fluxgymd_hook"):
+                      Path(__file__).resolve().parent.parent / "sd-scripts" / "fluxgymd_hook",
+                      Path(sys.prefix) / "share" / "fluxgymd" / "fluxgymd_hook"):
         if (candidate / "sitecustomize.py").is_file():
             return candidate
     return None
@@ -258,6 +259,11 @@ class Run:
 
     def _give_up(self, ledger: Ledger, streak: int, limit: int, chosen: Checkpoint | None) -> None:
         reason = f"{streak} attempts in a row made no progress (max_attempts_without_progress = {limit})"
+        # systemd does not restart after 79, so the next start is a person's: it counts afresh
+        if ledger.attempts:
+            last = ledger.attempts[-1]
+            ledger = replace(ledger, attempts=ledger.attempts[:-1] + (
+                replace(last, result=GAVE_UP, ended_at=last.ended_at or utc_now_iso()),))
         self._save_ledger(ledger)
         self.publish(status=RunStatus.FAILED, reason=reason, attempts_without_progress=streak,
                      best_checkpoint=chosen.name if chosen else None)

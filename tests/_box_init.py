@@ -113,7 +113,9 @@ def _hold_kept_paths() -> list[tuple[str, int]]:
 def _restore_kept_paths(held: list[tuple[str, int]]) -> None:
     for path, fd in held:
         os.makedirs(path, exist_ok=True)  # inside the box's fresh tmpfs
-        subprocess.run(["mount", "--rbind", f"/proc/self/fd/{fd}", path], check=True, pass_fds=(fd,))
+        # --no-canonicalize: resolving /proc/self/fd/N to a path would find the new, empty dir
+        subprocess.run(["mount", "--no-canonicalize", "--rbind", f"/proc/self/fd/{fd}", path], check=True,
+                       pass_fds=(fd,))
         os.close(fd)
 
 

@@ -194,6 +194,9 @@ def test_give_up_counts_trailing_attempts_without_progress():
     assert attempts_without_progress(led, 40) == 3  # 2, 3, 4 moved nothing
     assert attempts_without_progress(led, 80) == 0  # the last one saved a new state
     assert attempts_without_progress(Ledger(), 0) == 0
+    # after a give-up, systemd never restarts: the next start is a person's and counts afresh
+    gave_up = Ledger(attempts=(A(1, 0), A(2, 40), A(3, 40, result="gave-up")))
+    assert attempts_without_progress(gave_up, 40) == 0
 
 
 def test_status_line_shape_and_length():

@@ -156,6 +156,10 @@ def test_same_crash_every_attempt_gives_up_with_79(runs):
     # attempt 1 saved epoch 1 (progress); attempts 2 and 3 did not: 3 starts, then it stopped
     assert len(banners(runs.log("loop"))) == 3
     assert runs.restarts(props["_name"]) == 2
+    # a person starts it again (say, after a fix): it tries afresh instead of giving up at once
+    runs.start("loop")
+    props = runs.wait_settled("loop")
+    assert props["ExecMainStatus"] == "79" and len(banners(runs.log("loop"))) == 5
 
 
 def test_exit_zero_without_model_is_a_failed_attempt(runs):
