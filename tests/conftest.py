@@ -45,33 +45,26 @@ def work_dir(request: pytest.FixtureRequest) -> Iterator[Path]:
     shutil.rmtree(path, ignore_errors=True)
 
 
-def _skip_without_box() -> None:
+def _booted_box(label: str) -> Iterator[SystemdBox]:
+    """A started box under .work/LABEL, always killed and removed afterwards."""
     reason = box_unavailable_reason()
     if reason:
         pytest.skip(reason)
+    path = _fresh_dir(label)
+    box = SystemdBox(path / "box")
+    try:
+        box.start()
+        yield box
+    finally:
+        box.kill()
+        shutil.rmtree(path, ignore_errors=True)
 
 
 @pytest.fixture
 def systemd_box(request: pytest.FixtureRequest) -> Iterator[SystemdBox]:
-    _skip_without_box()
-    path = _fresh_dir(f"box-{request.node.name}")
-    box = SystemdBox(path / "box")
-    try:
-        box.start()
-        yield box
-    finally:
-        box.kill()
-        shutil.rmtree(path, ignore_errors=True)
+    yield from _booted_box(f"box-{request.node.name}")
 
 
 @pytest.fixture(scope="module")
 def systemd_box_module(request: pytest.FixtureRequest) -> Iterator[SystemdBox]:
-    _skip_without_box()
-    path = _fresh_dir(f"box-{request.module.__name__}")
-    box = SystemdBox(path / "box")
-    try:
-        box.start()
-        yield box
-    finally:
-        box.kill()
-        shutil.rmtree(path, ignore_errors=True)
+    yield from _booted_box(f"box-{request.module.__name__}")

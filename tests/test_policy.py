@@ -205,3 +205,24 @@ def test_status_line_shape_and_length():
     assert status_line(doc) == "epoch 3/16 · step 450/1200 · loss 0.123 · GPU 97% · ETA 41m"
     long = StatusDoc(name="x", status=RunStatus.FAILED, reason="x" * 300)
     assert len(status_line(long)) < 100
+
+
+FIXTURES = Path(__file__).parent / "fixtures" / "fluxgym"
+
+
+@pytest.mark.parametrize("case", sorted(p.name for p in FIXTURES.iterdir() if (p / "train.sh").is_file()))
+def test_fluxgym_scripts_get_resume_flags_and_stay_untouched(case):
+    import json
+
+    from fluxgymd.trainsh import load_train_sh
+
+    script = FIXTURES / case / "train.sh"
+    before = script.read_bytes()
+    argv = load_train_sh(script)
+    assert argv == json.loads((FIXTURES / case / "argv.json").read_text())
+    name = argv[argv.index("--output_name") + 1]
+    state = with_absolute_progress(cp(f"{name}-000008-state", StateKind.EPOCH, 8), 10, {})
+    plan = plan_attempt(argv, state, 10)
+    # exactly the user's argv plus what a resume needs, appended at the end
+    assert plan.argv == argv + ["--resume", str(state.path), "--initial_epoch", "9"]
+    assert script.read_bytes() == before
