@@ -18,6 +18,7 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO / "tests"))
 
 from service_helpers import standin_argv, toml_list  # noqa: E402
+from systemd_box import checkout_dropin_lines  # noqa: E402
 
 VENV_BIN = Path(sys.executable).parent
 NAME = "demo"
@@ -89,6 +90,10 @@ def main() -> int:
         out = box.run_in(fluxgym, "install", "--home", str(home), "--user", "root",
                          "--unit-dir", str(unit_dir), check=False)
         print(out.stdout + out.stderr, end="")
+        extra = checkout_dropin_lines()
+        if extra:  # a checkout under /tmp: the unit's PrivateTmp=yes would hide it
+            dropin = unit_dir / "fluxgym-train@.service.d" / "50-demo-checkout.conf"
+            dropin.write_text(f"[Service]\n{extra}")
         box.systemctl("daemon-reload")
         say(f"systemctl start {UNIT}   (stand-in trainer; it will hang idle at step 20)")
         box.systemctl("start", "--no-block", UNIT)

@@ -523,6 +523,13 @@ def _atomic_write(path: Path, text: str) -> None:
     os.replace(tmp, path)
 
 
+def checkout_dropin_lines() -> str:
+    """Service settings a checkout under /tmp needs: the unit's PrivateTmp=yes would hide the
+    venv and FLUXGYM_HOME from the service (a CI clone may well live in /tmp)."""
+    under_tmp = any(str(REPO_ROOT).startswith(d + "/") for d in ("/tmp", "/var/tmp"))
+    return "PrivateTmp=no\n" if under_tmp else ""
+
+
 def install_fluxgym_units(box: SystemdBox, home: Path, fluxgymd_bin: Path, extra: str = "") -> None:
     """Install the project's real unit templates plus a test drop-in, then daemon-reload.
 
@@ -544,6 +551,9 @@ def install_fluxgym_units(box: SystemdBox, home: Path, fluxgymd_bin: Path, extra
         f"Environment=FLUXGYM_HOME={home}\n"
         f"ReadWritePaths={home}\n"
         "RestartSec=1\n"
+        f"{checkout_dropin_lines()}"
         f"{extra}",
     )
+    if checkout_dropin_lines():
+        box.install_dropin("fluxgym-notify@.service", "50-test.conf", f"[Service]\n{checkout_dropin_lines()}")
     box.daemon_reload()

@@ -13,7 +13,7 @@ from typing import Any
 import pytest
 
 from service_helpers import standin_argv, toml_list
-from systemd_box import REPO_ROOT, SystemdBox
+from systemd_box import REPO_ROOT, SystemdBox, checkout_dropin_lines
 from test_cli import CHECKPOINTS_SCHEMA, LS_SCHEMA, RUN_SCHEMA, validate
 
 pytestmark = pytest.mark.systemd
@@ -83,7 +83,10 @@ def cli(systemd_box_module: SystemdBox, module_home: Path) -> Cli:
     again = c("install", "--home", str(home), "--user", "root", "--unit-dir", str(box.unit_dir)).stdout
     assert all(line.startswith(("unchanged", "note:")) for line in again.splitlines()), again
     # test-only: restart quickly (a real box keeps the template's 10 s)
-    box.install_dropin("fluxgym-train@.service", "50-test.conf", "[Service]\nRestartSec=1\n")
+    box.install_dropin("fluxgym-train@.service", "50-test.conf",
+                       f"[Service]\nRestartSec=1\n{checkout_dropin_lines()}")
+    if checkout_dropin_lines():
+        box.install_dropin("fluxgym-notify@.service", "50-test.conf", f"[Service]\n{checkout_dropin_lines()}")
     box.daemon_reload()
     props = box.show("fluxgym-train@x.service", "ExecStart", "User", "Environment", "OnSuccess")
     assert str(VENV_BIN / "fluxgymd") in props["ExecStart"] and props["User"] == "root"
