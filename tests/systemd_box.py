@@ -527,7 +527,8 @@ def checkout_dropin_lines() -> str:
     """Service settings a checkout under /tmp needs: the unit's PrivateTmp=yes would hide the
     venv and FLUXGYM_HOME from the service (a CI clone may well live in /tmp)."""
     under_tmp = any(str(REPO_ROOT).startswith(d + "/") for d in ("/tmp", "/var/tmp"))
-    return "PrivateTmp=no\n" if under_tmp else ""
+    # without PrivateTmp, ProtectSystem=strict leaves /tmp read-only: open the box's own /tmp
+    return "PrivateTmp=no\nReadWritePaths=/tmp /var/tmp\n" if under_tmp else ""
 
 
 def install_fluxgym_units(box: SystemdBox, home: Path, fluxgymd_bin: Path, extra: str = "") -> None:
