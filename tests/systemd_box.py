@@ -527,8 +527,13 @@ def checkout_dropin_lines() -> str:
     """Service settings a checkout under /tmp needs: the unit's PrivateTmp=yes would hide the
     venv and FLUXGYM_HOME from the service (a CI clone may well live in /tmp)."""
     under_tmp = any(str(REPO_ROOT).startswith(d + "/") for d in ("/tmp", "/var/tmp"))
-    # without PrivateTmp, ProtectSystem=strict leaves /tmp read-only: open the box's own /tmp
-    return "PrivateTmp=no\nReadWritePaths=/tmp /var/tmp\n" if under_tmp else ""
+    if not under_tmp:
+        return ""
+    # without PrivateTmp, ProtectSystem=strict leaves /tmp read-only: give the service a
+    # TMPDIR of its own rather than opening all of /tmp (which holds the whole checkout)
+    tmp = REPO_ROOT / ".work" / "unit-tmp"
+    tmp.mkdir(parents=True, exist_ok=True)
+    return f"PrivateTmp=no\nEnvironment=TMPDIR={tmp}\nReadWritePaths={tmp}\n"
 
 
 def install_fluxgym_units(box: SystemdBox, home: Path, fluxgymd_bin: Path, extra: str = "") -> None:
