@@ -18,8 +18,8 @@ def collect_stacks(root_pid: int, stacks_dir: Path, wait_s: float = 3.0) -> str:
     stacks into STACKS_DIR/stacks-PID.txt) and return what they wrote this time."""
     pids = proctree.python_pids(root_pid)
     offsets: dict[Path, int] = {}
-    for f in stacks_dir.glob("stacks-*.txt") if stacks_dir.is_dir() else []:
-        offsets[f] = f.stat().st_size
+    for dump in stacks_dir.glob("stacks-*.txt") if stacks_dir.is_dir() else []:
+        offsets[dump] = dump.stat().st_size
     for pid in pids:
         try:
             os.kill(pid, signal.SIGUSR1)

@@ -5,7 +5,7 @@ from pathlib import Path
 
 from .atomic import write_atomic
 from .errors import ConfigError, FluxgymError
-from .fluxgym_gen import RunSpec, check_required_inputs, write_run_files
+from .fluxgym_gen import RunSpec, Vram, check_required_inputs, write_run_files
 from .paths import RunPaths
 from .trainsh import has_flag, load_train_sh
 
@@ -33,7 +33,7 @@ def create_run(
         raise ConfigError(f"{paths.run_dir}: already exists and is not empty; choose another name")
     spec = RunSpec(
         name=paths.name, trigger_word=trigger, dataset_dir=None if dataset is None else dataset.expanduser().resolve(),
-        base_model=base_model, vram=vram, resolution=resolution, seed=seed, workers=workers,
+        base_model=base_model, vram=Vram(vram), resolution=resolution, seed=seed, workers=workers,
         learning_rate=lr, network_dim=dim, max_train_epochs=epochs, save_every_n_epochs=save_every,
         num_repeats=repeats, sample_prompts=tuple(sample_prompts) or None, sample_every_n_steps=sample_every,
     )

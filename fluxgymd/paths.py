@@ -4,13 +4,14 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Mapping
 
 DEFAULT_HOME = Path("/srv/fluxgym")
 
 
-def fluxgym_home(env: dict[str, str] | None = None) -> Path:
-    env = os.environ if env is None else env
-    return Path(env.get("FLUXGYM_HOME") or DEFAULT_HOME)
+def fluxgym_home(env: Mapping[str, str] | None = None) -> Path:
+    source: Mapping[str, str] = os.environ if env is None else env
+    return Path(source.get("FLUXGYM_HOME") or DEFAULT_HOME)
 
 
 @dataclass(frozen=True)
