@@ -96,7 +96,7 @@ def _str(v: object) -> str | None:
 def unit_json(name: str, props: Mapping[str, str]) -> dict[str, Any]:
     """The `unit` object: systemctl show's view, all null when systemd could not be asked."""
     return {
-        "name": unit_name(name),
+        "name": _str(props.get("Id")) or unit_name(name),  # the spelling that is active
         "load_state": _str(props.get("LoadState")),
         "active_state": _str(props.get("ActiveState")),
         "sub_state": _str(props.get("SubState")),

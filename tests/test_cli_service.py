@@ -185,3 +185,17 @@ def test_stop_and_errors(cli: Cli) -> None:
     assert r.stderr.startswith("fluxgym: systemctl start fluxgym-train@stopme.service: ")
     r = cli("start", "ghost", check=False)
     assert r.returncode == 66 and "no run 'ghost'" in r.stderr
+
+
+def test_hand_typed_spelling_of_a_dashed_name_is_seen_and_stopped(cli: Cli) -> None:
+    # a person types `systemctl start fluxgym-train@my-run` (not the escaped my\x2drun)
+    create(cli, "my-run", epochs=20)
+    cli.box.systemctl("start", "--no-block", "fluxgym-train@my-run.service")
+    run = cli.wait("my-run", lambda d: d["unit"]["active_state"] == "active" and (d["step"] or 0) >= 1,
+                   "my-run to step under its hand-typed unit")
+    assert run["unit"]["name"] == "fluxgym-train@my-run.service"
+    r = cli("start", "my-run", check=False)
+    assert r.returncode != 0 and "already running as fluxgym-train@my-run.service" in r.stderr
+    cli("stop", "my-run")
+    st = cli.status("my-run")
+    assert st["status"] == "stopped" and st["unit"]["active_state"] == "inactive"
