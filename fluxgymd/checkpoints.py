@@ -45,14 +45,6 @@ def parse_state_name(dirname: str, output_name: str) -> StateName | None:
     return None
 
 
-def epoch_state_dirname(output_name: str, epoch: int) -> str:
-    return f"{output_name}-{epoch:06d}-state"
-
-
-def step_state_dirname(output_name: str, step: int) -> str:
-    return f"{output_name}-step{step:08d}-state"
-
-
 @dataclass(frozen=True)
 class Checkpoint:
     path: Path

@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import os
 import signal
-import time
 from dataclasses import dataclass
 
 import psutil
@@ -118,12 +117,3 @@ def reap_children() -> None:
             return
         if pid == 0:
             return
-
-
-def wait_gone(pids: list[int], timeout_s: float) -> bool:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if not any(psutil.pid_exists(p) for p in pids):
-            return True
-        time.sleep(0.05)
-    return False

@@ -364,7 +364,6 @@ class Run:
         ledger: Ledger, number: int, started_wall: float, plan: ResumePlan,
     ) -> None:
         p, _, _, _ = tracker.snapshot()
-        ledger = load_ledger(self.paths.ledger_json) if not ledger.attempts else ledger
         spe = p.steps_per_epoch or ledger.steps_per_epoch
         ledger = replace(
             ledger, steps_per_epoch=spe, total_steps=p.total_steps or ledger.total_steps,

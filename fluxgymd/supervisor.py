@@ -54,7 +54,7 @@ class PollReport:
     gpu_problem: str | None  # NVML trouble to surface, e.g. "GPU 0 lost"
 
 
-class GpuProbe(Protocol):
+class GpuProbeFn(Protocol):
     def __call__(self, pids: tuple[int, ...]) -> tuple[bool | None, int | None, str | None, str | None]:
         """(own GPU busy or None if unknown, GPU %, short text, problem text or None)."""
 
@@ -71,7 +71,7 @@ class Supervisor:
         poll_interval_s: float,
         kill_grace_s: float,
         notifier: Notifier,
-        gpu_probe: GpuProbe,
+        gpu_probe: GpuProbeFn,
         tracker: ProgressTracker,
         attach_output: Callable[[int], None],
         on_poll: Callable[[PollReport], None],

@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import threading
 import time
-from dataclasses import replace
 
 from .progress import Progress, parse_line
 
@@ -32,7 +31,3 @@ class ProgressTracker:
         """(progress, last advance monotonic s, last advance wall-clock s, advance counter)."""
         with self._lock:
             return self._p, self._last_advance_s, self._last_advance_wall, self._advances
-
-    def set_offset(self, offset_steps: int) -> None:
-        with self._lock:
-            self._p = replace(self._p, attempt_offset_steps=offset_steps)
