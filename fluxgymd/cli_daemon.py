@@ -36,6 +36,7 @@ def run_cmd(name: str) -> None:
         run(name)
     except FluxgymError as e:
         journal.err(str(e))
+        journal.wait_consumed()
         sys.exit(int(e.exit_code))
     except KeyboardInterrupt:
         sys.exit(int(ExitCode.OK))
@@ -45,7 +46,9 @@ def run_cmd(name: str) -> None:
         for line in traceback.format_exc().splitlines():
             journal.log(journal.Priority.ERR, line)
         journal.err(f"internal error: {type(e).__name__}: {e}")
+        journal.wait_consumed()
         sys.exit(int(ExitCode.ATTEMPT_FAILED))
+    journal.wait_consumed()
 
 
 if __name__ == "__main__":  # pragma: no cover

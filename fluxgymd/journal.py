@@ -70,3 +70,28 @@ def warning(message: str) -> None:
 
 def info(message: str) -> None:
     log(Priority.INFO, message)
+
+
+def wait_consumed(timeout_s: float = 30.0) -> None:
+    """Before the wrapper exits, let journald read what is still queued in its stream socket.
+
+    journald attributes a line to the unit by looking up the sending process; lines it reads
+    after the process is gone miss `_SYSTEMD_UNIT` and vanish from `journalctl -u`. SIOCOUTQ
+    tells how much of our stream journald has not read yet. Not a socket (a terminal, a
+    file): nothing to wait for.
+    """
+    import fcntl
+    import struct
+    import termios
+    import time
+
+    deadline = time.monotonic() + timeout_s
+    for fd in (1, 2):
+        while True:
+            try:
+                raw = fcntl.ioctl(fd, termios.TIOCOUTQ, struct.pack("i", 0))  # = SIOCOUTQ
+            except OSError:
+                break
+            if struct.unpack("i", raw)[0] == 0 or time.monotonic() >= deadline:
+                break
+            time.sleep(0.02)  # journald is reading; nothing to be notified of
