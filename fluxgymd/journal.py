@@ -19,19 +19,20 @@ class Priority(IntEnum):
     INFO = 6
 
 
-def _stderr_is_journal() -> bool:
+def stream_is_journal(fd: int) -> bool:
+    """FD is the journald stream systemd gave us (JOURNAL_STREAM names its device:inode)."""
     stream = os.environ.get("JOURNAL_STREAM")
     if not stream:
         return False
     try:
         dev, ino = (int(x) for x in stream.split(":"))
-        st = os.fstat(sys.stderr.fileno())
+        st = os.fstat(fd)
     except (ValueError, OSError):
         return False
     return st.st_dev == dev and st.st_ino == ino
 
 
-_JOURNAL = _stderr_is_journal()
+_JOURNAL = stream_is_journal(sys.stderr.fileno())
 
 
 class _Sink(Protocol):

@@ -65,6 +65,7 @@ from pathlib import Path
 from typing import Callable, Deque, Iterable, Union
 
 from fluxgymd.errors import ConfigError
+from fluxgymd.journal import stream_is_journal
 
 __all__ = [
     "classify_priority",
@@ -958,16 +959,6 @@ _Item = Union[bytes, _Marker, _Eof]
 OnLine = Callable[[str, bool], None]
 
 
-def _journal_stream_matches(fd: int) -> bool:
-    stream = os.environ.get("JOURNAL_STREAM", "")
-    try:
-        dev, ino = (int(x) for x in stream.split(":"))
-        st = os.fstat(fd)
-    except (ValueError, OSError):
-        return False
-    return (st.st_dev, st.st_ino) == (dev, ino)
-
-
 class LogSink:
     """Tees one pipe to the journal and training.log; see the module docstring."""
 
@@ -995,7 +986,7 @@ class LogSink:
     ) -> None:
         if keep < 1 or rotate_bytes < 1:
             raise ConfigError(f"log rotation needs keep >= 1 and rotate_bytes >= 1 for {log_path}")
-        self._prefix = _journal_stream_matches(journal_fd) if journal_prefix is None else journal_prefix
+        self._prefix = stream_is_journal(journal_fd) if journal_prefix is None else journal_prefix
         self._on_line = on_line
         self._read_bound = read_queue_bytes
         unit_hint = f"journalctl -u {unit_name}" if unit_name else "the journal"

@@ -4,15 +4,12 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+from fluxgymd.atomic import write_atomic
+
 
 def atomic_write_text(path: Path, text: str) -> None:
-    """Write via a sibling temp file and ``os.replace`` so a reader never sees half a file."""
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    with open(tmp, "w", encoding="utf-8") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    """Readers never see half a file (the temp name starts with "." so the stand-in NVML skips it)."""
+    write_atomic(path, text.encode("utf-8"))
 
 
 def append_line_durably(path: Path, line: str) -> None:
